@@ -1,0 +1,287 @@
+"""PreferenceDataModule: one LightningDataModule for every stage (SFT, reward, DPO, PPO).
+
+It loads a source through ``datasets.load_dataset`` (hub id, local file or folder; an in-memory
+``Dataset``/``DatasetDict``; or ``"toy"``, the embedded toy task), picks or carves the splits,
+turns each row into text (:mod:`prefl.data.formats`), tokenizes with a batched, cached
+``Dataset.map`` (:mod:`prefl.data.tokenize`) and pads batches (:mod:`prefl.data.collate`).
+
+Nothing is lost silently: every split logs one line with rows read, used, truncated and dropped
+by reason, also kept in :attr:`PreferenceDataModule.stats`; ``error_on_drop=True`` makes any drop
+an error instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from prefl.data import toy
+from prefl.data.collate import PreferenceCollator
+from prefl.data.formats import Columns, detect_format, required_columns
+from prefl.data.tokenize import Limits, tokenize_batch
+from prefl.models.tokenizers import load_tokenizer
+
+Mode = Literal["pairs", "prompts", "sft"]
+RowFormat = Literal["auto", "explicit", "implicit", "conversational"]
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _builder_for(path: Path) -> str | None:
+    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
+    return _BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Preference data for every stage: pairs (reward model, DPO), prompts (PPO) or SFT text.
+
+    Args:
+        dataset: ``"toy"`` (the embedded toy task), a hub dataset id, a local ``.json``/
+            ``.jsonl``/``.parquet``/``.csv`` file (optionally compressed) or folder, or an
+            in-memory ``datasets.Dataset``/``DatasetDict``.
+        tokenizer: ``"toy"``, a hub id or local directory, or a tokenizer instance. A pad token
+            distinct from EOS is added if missing.
+        mode: ``pairs`` (chosen/rejected batches), ``prompts`` (left-padded prompts) or ``sft``
+            (prompt + completion, loss on the completion only).
+        row_format: ``auto`` (detected from the first row), ``explicit``, ``implicit`` or
+            ``conversational``; see :mod:`prefl.data.formats`.
+        name: The hub dataset's configuration (its "subset" on the hub), if it has several.
+        data_dir: Folder inside the hub dataset to load (e.g. ``harmless-base`` for HH-RLHF).
+        prompt_column: Column holding the prompt.
+        chosen_column: Column holding the chosen completion (or full chosen text).
+        rejected_column: Column holding the rejected completion (or full rejected text).
+        completion_column: Column holding the SFT completion (falls back to ``chosen``).
+        messages_column: Column holding a whole conversation (SFT, conversational).
+        margin_column: Optional numeric column passed through as ``margin`` when present.
+        train_split: Name of the training split.
+        val_split: Name of the validation split, used when the dataset has it.
+        test_split: Name of the test split (also used by ``predict``).
+        val_fraction: When the dataset has no ``val_split``, carve this fraction of the
+            training rows into a validation split (seeded); 0 = no validation.
+        subset: Keep this random fraction (seeded) of every split, for quick runs.
+        max_samples: Keep at most this many rows of every split (the first ones), for quick runs.
+        seed: Seed of the validation carve, of ``subset`` and of the toy data.
+        max_length: Most tokens of prompt + completion; completions are cut from the right.
+        max_prompt_length: Most prompt tokens; prompts are cut from the left (BOS kept).
+        batch_size: Training batch size (pairs: number of pairs).
+        eval_batch_size: Validation/test/predict batch size; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes.
+        num_proc: Processes for the tokenizing ``Dataset.map``.
+        pad_to_multiple_of: Round padded lengths up to this multiple.
+        error_on_drop: Raise instead of dropping rows (identical pairs, rows that cannot fit).
+        trust_remote_code: Allow a hub tokenizer's own code to run (off by default).
+        cache_dir: Where ``datasets`` caches downloads and tokenized splits.
+    """
+
+    def __init__(
+        self,
+        dataset: str | datasets.Dataset | datasets.DatasetDict = "toy",
+        tokenizer: str | PreTrainedTokenizerBase = "toy",
+        mode: Mode = "pairs",
+        row_format: RowFormat = "auto",
+        name: str | None = None,
+        data_dir: str | None = None,
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        completion_column: str = "completion",
+        messages_column: str = "messages",
+        margin_column: str = "margin",
+        train_split: str = "train",
+        val_split: str = "validation",
+        test_split: str = "test",
+        val_fraction: float = 0.0,
+        subset: float | None = None,
+        max_samples: int | None = None,
+        seed: int = 0,
+        max_length: int = 512,
+        max_prompt_length: int | None = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        error_on_drop: bool = False,
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        objects = {"dataset": dataset, "tokenizer": tokenizer}
+        self.save_hyperparameters(ignore=[k for k, v in objects.items() if not isinstance(v, str)])
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if subset is not None and not 0.0 < subset <= 1.0:
+            raise ValueError(f"subset must be in (0, 1], got {subset}")
+        self.dataset = dataset
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+        self.mode, self.row_format = mode, row_format
+        self.columns = Columns(
+            prompt_column,
+            chosen_column,
+            rejected_column,
+            completion_column,
+            messages_column,
+            margin_column,
+        )
+        self.limits = Limits(max_length, max_prompt_length)
+        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, mode, pad_to_multiple_of)
+        self.datasets: dict[str, datasets.Dataset] = {}
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    def prepare_data(self) -> None:
+        """Download (or generate) the raw data once, on one process per node."""
+        self.load_raw()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split and tokenize what ``stage`` (fit, validate, test, predict) needs."""
+        h = self.hparams
+        wanted = {
+            "fit": [h.train_split, h.val_split],
+            "validate": [h.val_split],
+            "test": [h.test_split],
+            "predict": [h.test_split],
+        }.get(stage or "", [h.train_split, h.val_split, h.test_split])
+        raw = self.splits()
+        for split in wanted:
+            if split in raw and split not in self.datasets:
+                self.datasets[split] = self._tokenize(split, raw[split])
+
+    def load_raw(self) -> datasets.DatasetDict:
+        """Load the source as a ``DatasetDict`` (through ``datasets.load_dataset`` for files)."""
+        h, source = self.hparams, self.dataset
+        if isinstance(source, datasets.DatasetDict):
+            return source
+        if isinstance(source, datasets.Dataset):
+            return datasets.DatasetDict({h.train_split: source})
+        if source == "toy":
+            rows = toy.toy_splits(self.mode, seed=h.seed)
+            return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()})
+        path = Path(source)
+        if path.is_file():
+            builder = _builder_for(path)
+            if builder is None:
+                raise ValueError(
+                    f"dataset file {source!r}: unsupported type; "
+                    f"expected one of {sorted(_BUILDERS)}"
+                )
+            return datasets.load_dataset(builder, data_files=str(path), cache_dir=h.cache_dir)
+        return datasets.load_dataset(
+            source, name=h.name, data_dir=h.data_dir, cache_dir=h.cache_dir
+        )
+
+    def splits(self) -> dict[str, datasets.Dataset]:
+        """The raw splits after the validation carve, ``subset`` and ``max_samples``."""
+        h = self.hparams
+        raw = dict(self.load_raw())
+        if h.val_split not in raw and h.val_fraction > 0 and h.train_split in raw:
+            parts = raw[h.train_split].train_test_split(test_size=h.val_fraction, seed=h.seed)
+            raw[h.train_split], raw[h.val_split] = parts["train"], parts["test"]
+        for split, ds in raw.items():
+            if h.subset is not None:
+                ds = ds.shuffle(seed=h.seed).select(range(max(1, round(len(ds) * h.subset))))
+            if h.max_samples is not None:
+                ds = ds.select(range(min(len(ds), h.max_samples)))
+            raw[split] = ds
+        return raw
+
+    def _check_columns(self, split: str, ds: datasets.Dataset) -> str:
+        if len(ds) == 0:
+            raise ValueError(f"split {split!r} of dataset {self.dataset!r} is empty")
+        fmt = self.row_format if self.row_format != "auto" else detect_format(ds[0], self.columns)
+        needed = required_columns(self.mode, fmt, self.columns, ds.column_names)
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            raise ValueError(
+                f"split {split!r} lacks column(s) {missing}: mode {self.mode!r} with format "
+                f"{fmt!r} expects {needed}, found {ds.column_names}. Map your column names with "
+                "prompt_column=, chosen_column=, rejected_column=, completion_column=."
+            )
+        return fmt
+
+    def _tokenize(self, split: str, ds: datasets.Dataset) -> datasets.Dataset:
+        fmt = self._check_columns(split, ds)
+        kwargs = {
+            "split": split,
+            "mode": self.mode,
+            "row_format": fmt,
+            "columns": self.columns,
+            "tokenizer": self.tokenizer,
+            "limits": self.limits,
+            "use_margin": self.columns.margin in ds.column_names,
+        }
+        mapped = ds.map(
+            tokenize_batch,
+            batched=True,
+            with_indices=True,
+            fn_kwargs=kwargs,
+            remove_columns=ds.column_names,
+            num_proc=self.hparams.num_proc,
+            desc=f"prefl: tokenizing {split}",
+        )
+        reasons = mapped["drop_reason"]
+        dropped = Counter(r for r in reasons if r)
+        truncated = sum(t for t, r in zip(mapped["truncated"], reasons, strict=True) if not r)
+        kept = mapped.filter(
+            lambda rs: [not r for r in rs], input_columns=["drop_reason"], batched=True
+        ).remove_columns(["drop_reason", "truncated"])
+        self.stats[split] = {
+            "read": len(ds),
+            "used": len(kept),
+            "truncated": truncated,
+            "dropped": dict(sorted(dropped.items())),
+        }
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "none"
+        rank_zero_info(
+            f"prefl data [{split}]: read {len(ds)}, used {len(kept)}, "
+            f"truncated {truncated}, dropped {sum(dropped.values())} ({drops})"
+        )
+        if dropped and self.hparams.error_on_drop:
+            first = [i for i, r in enumerate(reasons) if r][:5]
+            raise ValueError(
+                f"split {split!r}: {sum(dropped.values())} row(s) would be dropped "
+                f"({drops}); first rows {first} (error_on_drop=True)"
+            )
+        if len(kept) == 0:
+            raise ValueError(f"split {split!r} is empty after filtering ({drops})")
+        return kept
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(
+                f"no {split!r} split: dataset {self.dataset!r} has none (for a "
+                "validation split set val_fraction)"
+            )
+        h = self.hparams
+        size = h.batch_size if train else (h.eval_batch_size or h.batch_size)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=size,
+            shuffle=train,
+            collate_fn=self.collator,
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        return self._loader(self.hparams.train_split, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in row order; an empty list (no validation) without a split."""
+        if self.hparams.val_split not in self.datasets:
+            return []
+        return self._loader(self.hparams.val_split, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in row order."""
+        return self._loader(self.hparams.test_split, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split in row order, for ``predict``."""
+        return self._loader(self.hparams.test_split, train=False)

@@ -1,0 +1,244 @@
+r"""Row formats: turn one raw dataset row into text (prompt, completions), whatever its shape.
+
+Three formats are accepted (design §3), detected from the columns or named by the user:
+
+- ``explicit``: ``prompt`` plus ``chosen``/``rejected`` (pairs) or ``completion``/``chosen``
+  (SFT) strings.
+- ``implicit``: ``chosen``/``rejected`` full texts whose common prefix is the prompt. For
+  Anthropic HH-style transcripts the prompt ends at the last ``"\\n\\nAssistant:"`` marker inside
+  the longest common prefix, so a reply that itself contains the marker is still split right.
+- ``conversational``: message lists ``[{"role", "content"}]`` rendered with the tokenizer's chat
+  template: either ``prompt`` + completion message lists, full ``chosen``/``rejected``
+  conversations sharing all but their last (assistant) turn, or a ``messages`` column (SFT).
+
+Every problem raises :class:`RowError`, whose message names the split, row index and column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS = ("explicit", "implicit", "conversational")
+ASSISTANT_MARKER = "\n\nAssistant:"
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+class RowError(ValueError):
+    """A dataset row that cannot be used, with where it is (split, row, column)."""
+
+    def __init__(self, split: str, index: int, column: str, problem: str) -> None:
+        super().__init__(f"split {split!r}, row {index}, column {column!r}: {problem}")
+        self.split, self.index, self.column = split, index, column
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Column names of a preference dataset (remappable to the dataset's own names)."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    completion: str = "completion"
+    messages: str = "messages"
+    margin: str = "margin"
+
+
+@dataclass
+class RowTexts:
+    """The texts of one row: the prompt and up to two completions, ready for tokenization.
+
+    ``chat`` tells that the texts were rendered by a chat template (so they already hold the
+    template's special tokens, BOS included where the template writes it).
+    """
+
+    prompt: str
+    chosen: str | None = None
+    rejected: str | None = None
+    chat: bool = False
+
+
+def required_columns(mode: str, row_format: str, columns: Columns, names: list[str]) -> list[str]:
+    """Return the columns that ``mode`` and ``row_format`` need, given the dataset's ``names``."""
+    c = columns
+    if row_format == "implicit":
+        return [c.chosen, c.rejected]
+    if mode == "pairs":
+        pair = [c.chosen, c.rejected]
+        return [c.prompt, *pair] if row_format == "explicit" or c.prompt in names else pair
+    if mode == "sft":
+        if row_format == "conversational" and c.messages in names:
+            return [c.messages]
+        second = c.completion if c.completion in names else c.chosen
+        return [c.prompt, second]
+    if row_format == "conversational" and c.prompt not in names:
+        return [c.messages] if c.messages in names else [c.chosen]
+    return [c.prompt]
+
+
+def detect_format(row: Mapping[str, Any], columns: Columns) -> str:
+    """Guess the row format from one row.
+
+    Lists of messages mean ``conversational``; a prompt column means ``explicit``;
+    ``chosen``/``rejected`` alone mean ``implicit``.
+    """
+    keys = (columns.prompt, columns.chosen, columns.rejected, columns.completion, columns.messages)
+    if any(isinstance(row.get(k), list) for k in keys):
+        return "conversational"
+    if columns.prompt in row:
+        return "explicit"
+    if columns.chosen in row and columns.rejected in row:
+        return "implicit"
+    raise ValueError(
+        f"cannot detect the row format: expected columns {columns.prompt!r} + completions, "
+        f"{columns.chosen!r}/{columns.rejected!r}, or message lists; found {sorted(row)}"
+    )
+
+
+def _text(row: Mapping[str, Any], column: str, where: tuple[str, int]) -> str:
+    value = row.get(column)
+    if not isinstance(value, str):
+        kind = "None" if value is None else type(value).__name__
+        raise RowError(*where, column, f"expected a non-empty string, got {kind}")
+    if not value.strip():
+        raise RowError(*where, column, "expected a non-empty string, got an empty one")
+    return value
+
+
+def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    r"""Split two full texts into (prompt, chosen reply, rejected reply).
+
+    The prompt is the longest common prefix cut back to the end of its last
+    ``"\\n\\nAssistant:"`` marker (HH style). Texts without that marker fall back to the longest
+    common prefix cut back to a whitespace boundary. Returns None when there is no common prompt.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        n += 1
+    common = chosen[:n]
+    end = common.rfind(ASSISTANT_MARKER)
+    if end >= 0:
+        end += len(ASSISTANT_MARKER)
+    elif ASSISTANT_MARKER not in chosen:
+        end = max(common.rfind(" "), common.rfind("\n"))
+    if end <= 0 or not common[:end].strip():
+        return None
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _messages(row: Mapping[str, Any], column: str, where: tuple[str, int]) -> list[dict]:
+    value = row.get(column)
+    if not isinstance(value, list) or not value:
+        raise RowError(*where, column, "expected a non-empty list of {role, content} messages")
+    for i, msg in enumerate(value):
+        if not isinstance(msg, Mapping) or not {"role", "content"} <= set(msg):
+            raise RowError(*where, column, f"message {i} is not a {{role, content}} mapping")
+        if msg["role"] not in CHAT_ROLES:
+            raise RowError(
+                *where,
+                column,
+                f"message {i} has unknown role {msg['role']!r}; "
+                f"expected one of {sorted(CHAT_ROLES)}",
+            )
+        if not isinstance(msg["content"], str):
+            raise RowError(*where, column, f"message {i} content is not a string")
+    return list(value)
+
+
+def _last_assistant(messages: list[dict], column: str, where: tuple[str, int]) -> None:
+    if messages[-1]["role"] != "assistant":
+        raise RowError(*where, column, "the conversation does not end with an assistant turn")
+    if not messages[-1]["content"].strip():
+        raise RowError(*where, column, "the last assistant turn is empty")
+
+
+def _reply_text(
+    tokenizer: Any,
+    prompt: list[dict],
+    prompt_text: str,
+    reply: list[dict],
+    where: tuple[str, int],
+    column: str,
+) -> str:
+    full = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise RowError(*where, column, "the chat template does not render the prompt as a prefix")
+    return full[len(prompt_text) :]
+
+
+def _conversational(row, mode: str, c: Columns, tokenizer, where) -> RowTexts:
+    names = {"pairs": [c.chosen, c.rejected], "sft": [_sft_column(row, c)], "prompts": []}[mode]
+    if row.get(c.prompt) is not None:
+        prompt = _messages(row, c.prompt, where)
+        replies = [_messages(row, name, where) for name in names]
+    else:
+        conv_names = names or [c.messages if c.messages in row else c.chosen]
+        convs = [_messages(row, name, where) for name in conv_names]
+        for conv, name in zip(convs, conv_names, strict=True):
+            _last_assistant(conv, name, where)
+        prompt = convs[0][:-1]
+        if any(conv[:-1] != prompt for conv in convs[1:]):
+            raise RowError(*where, conv_names[1], "the conversations differ before their last turn")
+        if not prompt:
+            raise RowError(*where, conv_names[0], "no prompt: the conversation has a single turn")
+        replies = [conv[-1:] for conv in convs] if names else []
+    for reply, name in zip(replies, names, strict=True):
+        _last_assistant(reply, name, where)
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    completions = [
+        _reply_text(tokenizer, prompt, prompt_text, reply, where, name)
+        for reply, name in zip(replies, names, strict=True)
+    ]
+    return RowTexts(prompt_text, *completions, chat=True)
+
+
+def _sft_column(row: Mapping[str, Any], c: Columns) -> str:
+    for name in (c.completion, c.messages, c.chosen):
+        if name in row:
+            return name
+    return c.completion
+
+
+def extract_texts(
+    row: Mapping[str, Any],
+    mode: str,
+    row_format: str,
+    columns: Columns,
+    tokenizer: Any,
+    where: tuple[str, int],
+) -> RowTexts:
+    """Turn one raw row into :class:`RowTexts` for ``mode`` (``pairs``, ``sft``, ``prompts``).
+
+    Args:
+        row: The raw row.
+        mode: ``pairs`` needs two completions, ``sft`` one, ``prompts`` none.
+        row_format: One of :data:`FORMATS`.
+        columns: The column names.
+        tokenizer: Renders conversational rows with its chat template.
+        where: ``(split, row index)`` for error messages.
+
+    Raises:
+        RowError: An empty, ``None`` or non-string field, an unknown role, a malformed
+            conversation, or an implicit pair with no common prompt.
+    """
+    c = columns
+    if row_format == "conversational":
+        return _conversational(row, mode, c, tokenizer, where)
+    if row_format == "implicit":
+        if mode == "sft" and c.rejected not in row:
+            problem = "implicit SFT rows need a rejected text to find the prompt"
+            raise RowError(*where, c.rejected, problem)
+        chosen, rejected = _text(row, c.chosen, where), _text(row, c.rejected, where)
+        parts = split_implicit(chosen, rejected)
+        if parts is None:
+            raise RowError(*where, c.chosen, "chosen and rejected share no prompt (common prefix)")
+        return RowTexts(*parts)
+    prompt = _text(row, c.prompt, where)
+    if mode == "prompts":
+        return RowTexts(prompt=prompt)
+    if mode == "sft":
+        return RowTexts(prompt=prompt, chosen=_text(row, _sft_column(row, c), where))
+    return RowTexts(prompt, _text(row, c.chosen, where), _text(row, c.rejected, where))

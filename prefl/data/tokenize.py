@@ -1,0 +1,176 @@
+"""Tokenization of row texts, with explicit truncation and counted drops (design §3).
+
+A tokenized example is prompt ids plus completion ids. Completions end with EOS exactly once
+(it is appended unless the text already ends in it, as chat-template rows often do). Prompts are
+cut from the left to ``max_prompt_length`` (keeping a leading BOS), completions from the right so
+that prompt + completion fits ``max_length``. A truncated completion keeps no EOS: it did not end.
+
+Rows are never dropped here: each gets a ``drop_reason`` (``""`` when kept) so that the data
+module can count reasons before it filters. Reasons: ``identical`` (chosen == rejected text),
+``identical_after_truncation`` and ``prompt_too_long`` (no room left for a completion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefl.data.formats import Columns, RowError, extract_texts
+
+DROP_REASONS = ("identical", "identical_after_truncation", "prompt_too_long")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Length limits in tokens.
+
+    Args:
+        max_length: Most tokens of prompt + completion.
+        max_prompt_length: Most prompt tokens (cut from the left); None = no own limit.
+    """
+
+    max_length: int
+    max_prompt_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
+
+
+def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def _strip_after_eos(text: str, eos: str) -> str:
+    """Drop whitespace that a chat template writes after the final EOS (e.g. a newline)."""
+    stripped = text.rstrip()
+    return stripped if stripped.endswith(eos) else text
+
+
+def encode_completions(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
+    """Tokenize completions (no special tokens added) and end each with EOS exactly once."""
+    eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
+    if chat:
+        texts = [_strip_after_eos(t, eos) for t in texts]
+    out = []
+    for ids in _encode(tokenizer, texts, special=False):
+        out.append(ids if ids and ids[-1] == eos_id else [*ids, eos_id])
+    return out
+
+
+def encode_prompts(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
+    """Tokenize prompts; special tokens (BOS) are added unless a chat template wrote them."""
+    return _encode(tokenizer, texts, special=not chat)
+
+
+def truncate_prompt(
+    ids: list[int], limit: int | None, bos_id: int | None
+) -> tuple[list[int], bool]:
+    """Cut ``ids`` from the left to ``limit`` tokens, keeping a leading BOS; returns (ids, cut)."""
+    if limit is None or len(ids) <= limit:
+        return ids, False
+    if bos_id is not None and ids and ids[0] == bos_id and limit > 1:
+        return [bos_id, *ids[len(ids) - limit + 1 :]], True
+    return ids[len(ids) - limit :], True
+
+
+def fit_completion(prompt_len: int, ids: list[int], max_length: int) -> tuple[list[int], bool]:
+    """Cut ``ids`` from the right so that prompt + completion <= ``max_length``."""
+    room = max_length - prompt_len
+    return (ids, False) if len(ids) <= room else (ids[: max(room, 0)], True)
+
+
+def tokenize_row(
+    prompt_ids: list[int],
+    completions: list[list[int]],
+    limits: Limits,
+    bos_id: int | None,
+) -> dict[str, Any]:
+    """Apply the truncation rules to one row and decide whether it is kept.
+
+    Args:
+        prompt_ids: Prompt token ids.
+        completions: Zero (prompts mode), one (sft) or two (pairs: chosen, rejected) completions.
+        limits: The length limits.
+        bos_id: The tokenizer's BOS id, kept when a prompt is cut from the left.
+
+    Returns:
+        ``prompt_ids``, ``completions`` (truncated), ``truncated`` (bool) and ``drop_reason``.
+    """
+    prompt_ids, cut = truncate_prompt(prompt_ids, limits.max_prompt_length, bos_id)
+    reason = ""
+    if completions and len(prompt_ids) >= limits.max_length:
+        reason = "prompt_too_long"
+    fitted = [fit_completion(len(prompt_ids), ids, limits.max_length) for ids in completions]
+    truncated = cut or any(c for _, c in fitted)
+    out = [ids for ids, _ in fitted]
+    if not reason and len(out) == 2 and out[0] == out[1]:
+        reason = "identical_after_truncation"
+    return {
+        "prompt_ids": prompt_ids,
+        "completions": out,
+        "truncated": truncated,
+        "drop_reason": reason,
+    }
+
+
+def _margin(row: dict[str, Any], column: str, where: tuple[str, int]) -> float:
+    value = row.get(column)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise RowError(*where, column, f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def tokenize_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    split: str,
+    mode: str,
+    row_format: str,
+    columns: Columns,
+    tokenizer: Any,
+    limits: Limits,
+    use_margin: bool,
+) -> dict[str, list]:
+    """Tokenize a batch of raw rows (the function given to a batched ``Dataset.map``).
+
+    Returns columns ``prompt_ids``, ``truncated``, ``drop_reason``; plus ``chosen_ids`` and
+    ``rejected_ids`` (pairs), ``completion_ids`` (sft) or ``prompt`` text (prompts); plus
+    ``margin`` when ``use_margin``. Raises :class:`RowError` naming split, row and column.
+    """
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    texts = [
+        extract_texts(row, mode, row_format, columns, tokenizer, (split, index))
+        for row, index in zip(rows, indices, strict=True)
+    ]
+    chat = row_format == "conversational"
+    prompts = encode_prompts(tokenizer, [t.prompt for t in texts], chat)
+    n_completions = {"pairs": 2, "sft": 1, "prompts": 0}[mode]
+    completion_texts = [[t.chosen, t.rejected][:n_completions] for t in texts]
+    encoded = [
+        encode_completions(tokenizer, list(column), chat)
+        for column in zip(*completion_texts, strict=True)
+    ]
+    out: dict[str, list] = {"prompt_ids": [], "truncated": [], "drop_reason": []}
+    names = {"pairs": ["chosen_ids", "rejected_ids"], "sft": ["completion_ids"], "prompts": []}
+    for name in names[mode]:
+        out[name] = []
+    for i, t in enumerate(texts):
+        completions = [column[i] for column in encoded[:n_completions]]
+        result = tokenize_row(prompts[i], completions, limits, tokenizer.bos_token_id)
+        if mode == "pairs" and t.chosen == t.rejected:
+            result["drop_reason"] = "identical"
+        out["prompt_ids"].append(result["prompt_ids"])
+        out["truncated"].append(result["truncated"])
+        out["drop_reason"].append(result["drop_reason"])
+        for name, ids in zip(names[mode], result["completions"], strict=True):
+            out[name].append(ids)
+    if mode == "prompts":
+        out["prompt"] = [t.prompt for t in texts]
+    if use_margin:
+        where = [(split, index) for index in indices]
+        out["margin"] = [_margin(r, columns.margin, w) for r, w in zip(rows, where, strict=True)]
+    return out

@@ -1,0 +1,140 @@
+"""Causal language models: load one by name or path, or build a tiny one from a config.
+
+:class:`CausalLMSpec` is the typed description every module takes (so LightningCLI can build
+``--help`` and YAML from it); :func:`build_causal_lm` turns it into a Hugging Face model that agrees
+with the tokenizer: vocabulary large enough for the tokenizer (a pad token added by
+:func:`prefl.models.load_tokenizer` grows it), pad/bos/eos ids set in the config and in the
+generation config, gradient checkpointing and LoRA applied on request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from prefl.models.lora import LoraSpec, apply_lora
+
+log = logging.getLogger(__name__)
+
+#: The toy task's model: a 2-layer, 64-wide Llama (about 0.15M parameters with the toy vocab).
+TOY_MODEL_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CausalLMSpec:
+    """What causal LM to use and how to load it.
+
+    Args:
+        name_or_path: Hugging Face hub id or local directory (e.g. the SFT export of an earlier
+            stage), loaded with ``AutoModelForCausalLM.from_pretrained``. Leave empty to build a
+            randomly initialised model from ``config``.
+        config: Keyword arguments of ``AutoConfig.for_model`` (must hold ``model_type``) for a
+            random-init model; ``"toy"`` selects :data:`TOY_MODEL_CONFIG`. The vocabulary size
+            and special-token ids are taken from the tokenizer.
+        dtype: Parameter dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the
+            checkpoint's own). Mixed precision is the Trainer's ``precision`` setting instead.
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2``...; None = library default.
+        trust_remote_code: Allow the checkpoint's own Python code to run. Off by default: turn it
+            on only for sources you trust.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        lora: Wrap the model with LoRA adapters (needs the ``peft`` extra); None = full fine-tune.
+    """
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | str | None = None
+    dtype: str | None = None
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraSpec | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("CausalLMSpec: set exactly one of `name_or_path` and `config`")
+        if self.dtype is not None and self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"CausalLMSpec.dtype={self.dtype!r}; expected auto or {list(_DTYPES)}")
+
+
+def _resolve_dtype(dtype: str | None) -> torch.dtype | str | None:
+    return dtype if dtype in (None, "auto") else _DTYPES[dtype]
+
+
+def _config_kwargs(config: dict[str, Any] | str) -> dict[str, Any]:
+    if config == "toy":
+        return dict(TOY_MODEL_CONFIG)
+    if isinstance(config, str) or "model_type" not in config:
+        raise ValueError(f"CausalLMSpec.config must be 'toy' or a dict with model_type: {config!r}")
+    return dict(config)
+
+
+def build_causal_lm(
+    spec: CausalLMSpec | str, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel | torch.nn.Module:
+    """Build the model described by ``spec``, made consistent with ``tokenizer``.
+
+    Args:
+        spec: A :class:`CausalLMSpec`, or a string taken as ``CausalLMSpec(name_or_path=...)``.
+        tokenizer: The tokenizer of the run (PAD distinct from EOS, see ``load_tokenizer``).
+
+    Returns:
+        The model in train mode (LoRA-wrapped if ``spec.lora`` is set).
+    """
+    if isinstance(spec, str):
+        spec = CausalLMSpec(name_or_path=spec)
+    dtype = _resolve_dtype(spec.dtype)
+    common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.attn_implementation is not None:
+        common["attn_implementation"] = spec.attn_implementation
+    if spec.name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype, **common)
+    else:
+        kwargs = _config_kwargs(spec.config)
+        model_type = kwargs.pop("model_type")
+        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **common)
+    align_with_tokenizer(model, tokenizer)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora)
+    return model
+
+
+def align_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings to ``len(tokenizer)`` if needed and copy its special-token ids into the
+    model config and generation config (so ``generate`` pads with PAD and stops at EOS)."""
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        log.info("resizing token embeddings to %d (tokenizer gained tokens)", len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    for name, value in ids.items():
+        setattr(model.config, name, value)
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, name, value)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set the probability of every ``nn.Dropout`` in ``model`` to 0 (preference tuning and RL
+    compare log-probs of two forwards; dropout would make them disagree)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

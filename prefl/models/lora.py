@@ -1,0 +1,80 @@
+"""LoRA wiring through ``peft`` (optional extra: ``pip install prefl[peft]``).
+
+prefl never re-implements adapters: :func:`apply_lora` hands a typed :class:`LoraSpec` to
+``peft.get_peft_model``, and :func:`merge_lora` folds the adapters back for export, so the next
+stage can load a plain Hugging Face checkpoint by path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (the fields of ``peft.LoraConfig`` that matter most).
+
+    Args:
+        r: Rank of the adapters.
+        alpha: Scaling numerator (``lora_alpha``); the update is scaled by ``alpha / r``.
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt, or ``"all-linear"`` for every linear layer but
+            the output head.
+        modules_to_save: Extra modules trained in full and saved with the adapters (e.g. a
+            reward head).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = field(default=None)
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("LoRA needs the peft extra: pip install 'prefl[peft]'") from err
+    return peft
+
+
+def apply_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters; only the adapters (and ``modules_to_save``) train.
+
+    Args:
+        model: A Hugging Face causal LM.
+        spec: The adapter settings.
+
+    Returns:
+        The ``peft.PeftModel`` wrapping ``model``.
+    """
+    peft = _peft()
+    config = peft.LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        modules_to_save=spec.modules_to_save,
+        task_type=peft.TaskType.CAUSAL_LM,
+    )
+    return peft.get_peft_model(model, config)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a ``peft`` model (without importing peft when it is absent)."""
+    return type(model).__module__.startswith("peft.")
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Return a plain model with the adapters merged in, for export; other models unchanged.
+
+    The merge happens on a copy, so training can continue with the adapters afterwards.
+    """
+    if not is_lora(model):
+        return model
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()

@@ -1,0 +1,88 @@
+"""Tokenizer loading, and the offline word-level tokenizer of the toy task.
+
+Every stage takes its tokenizer through :func:`load_tokenizer`, which guarantees the invariant the
+rest of prefl relies on: a PAD token that is *distinct* from EOS. A tokenizer with no pad token (or
+one that aliases EOS, a common trick that silently stops models from learning to end) gets a new
+``<|pad|>`` token; the model loaders then grow the embedding matrix to match.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from prefl.data import toy
+
+TOY_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<pad>", "<eos>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>",
+)  # fmt: skip
+#: A minimal chat template for the toy tokenizer (role marker, content, EOS after each turn).
+TOY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' ' + eos_token + ' ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+PAD_TOKEN = "<|pad|>"
+
+
+def build_toy_tokenizer() -> PreTrainedTokenizerFast:
+    """Build the toy task's word-level tokenizer offline, with the ``tokenizers`` library.
+
+    The vocabulary is the special tokens followed by :func:`prefl.data.toy.vocabulary` in its
+    fixed order, so ids are identical in every process and on every machine. Text is split on
+    whitespace; a BOS token is prepended when special tokens are added; PAD (id 0) and EOS (id 1)
+    are distinct. It carries a small chat template for conversational rows.
+    """
+    words = [*TOY_SPECIAL_TOKENS, *toy.vocabulary()]
+    vocab = {word: i for i, word in enumerate(words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = TOY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_tokenizer(
+    tokenizer: str | PreTrainedTokenizerBase,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    """Return a tokenizer whose PAD token exists and differs from EOS.
+
+    Args:
+        tokenizer: ``"toy"`` for :func:`build_toy_tokenizer`, a Hugging Face hub id or local
+            directory (loaded with ``AutoTokenizer.from_pretrained``), or a tokenizer instance
+            (used as is, apart from the pad-token fix).
+        trust_remote_code: Passed to ``from_pretrained``; off unless you trust the source.
+
+    Returns:
+        The tokenizer. If it had no pad token, or its pad token was its EOS token, a new
+        ``<|pad|>`` special token was added (``len(tokenizer)`` grows by one).
+
+    Raises:
+        ValueError: The tokenizer has no EOS token (completions could not be terminated).
+    """
+    if isinstance(tokenizer, str):
+        if tokenizer == "toy":
+            tok = build_toy_tokenizer()
+        else:
+            tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+    else:
+        tok = tokenizer
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {tok.name_or_path!r} has no EOS token; set one first")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tok
