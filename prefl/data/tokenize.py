@@ -118,7 +118,8 @@ def tokenize_row(
 
 def _margin(row: dict[str, Any], column: str, where: tuple[str, int]) -> float:
     value = row.get(column)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+    finite = isinstance(value, int | float) and abs(value) < float("inf")  # False for NaN, inf
+    if isinstance(value, bool) or not finite:
         raise RowError(*where, column, f"expected a finite number, got {value!r}")
     return float(value)
 

@@ -27,25 +27,66 @@ from collections.abc import Sequence
 from pathlib import Path
 
 POSITIVE: tuple[str, ...] = (
-    "great", "good", "wonderful", "brilliant", "fun", "moving",
-    "superb", "charming", "delightful", "fresh",
-)  # fmt: skip
+    "great",
+    "good",
+    "wonderful",
+    "brilliant",
+    "fun",
+    "moving",
+    "superb",
+    "charming",
+    "delightful",
+    "fresh",
+)
 NEGATIVE: tuple[str, ...] = (
-    "bad", "boring", "awful", "dull", "weak", "terrible", "messy",
-    "bland", "tedious", "clumsy", "poor", "flat",
-)  # fmt: skip
+    "bad",
+    "boring",
+    "awful",
+    "dull",
+    "weak",
+    "terrible",
+    "messy",
+    "bland",
+    "tedious",
+    "clumsy",
+    "poor",
+    "flat",
+)
 NEUTRAL: tuple[str, ...] = (
-    "and", "very", "quite", "the", "story", "scenes", "really", "a", "bit",
-    "mostly", "also", "long", "with", "some", "moments", "at", "times", "then",
-)  # fmt: skip
+    "and",
+    "very",
+    "quite",
+    "the",
+    "story",
+    "scenes",
+    "really",
+    "a",
+    "bit",
+    "mostly",
+    "also",
+    "long",
+    "with",
+    "some",
+    "moments",
+    "at",
+    "times",
+    "then",
+)
 OPENERS: dict[str, str] = {
     "happily": "positive", "luckily": "positive", "gladly": "positive",
     "sadly": "negative", "alas": "negative", "regrettably": "negative",
     "honestly": "neutral", "frankly": "neutral", "overall": "neutral",
 }  # fmt: skip
 SUBJECTS: tuple[str, ...] = (
-    "movie", "film", "plot", "acting", "ending", "soundtrack", "script", "cast",
-)  # fmt: skip
+    "movie",
+    "film",
+    "plot",
+    "acting",
+    "ending",
+    "soundtrack",
+    "script",
+    "cast",
+)
 VERBS: tuple[str, ...] = ("was", "is", "felt", "seemed")
 PUNCTUATION: tuple[str, ...] = (",", ".")
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from prefl.data import toy
-
 TOY_SPECIAL_TOKENS: tuple[str, ...] = (
     "<pad>", "<eos>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>",
 )  # fmt: skip
@@ -35,6 +33,8 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     whitespace; a BOS token is prepended when special tokens are added; PAD (id 0) and EOS (id 1)
     are distinct. It carries a small chat template for conversational rows.
     """
+    from prefl.data import toy  # here, not at the top: prefl.data imports this module
+
     words = [*TOY_SPECIAL_TOKENS, *toy.vocabulary()]
     vocab = {word: i for i, word in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

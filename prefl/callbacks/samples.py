@@ -1,0 +1,121 @@
+"""SampleReport: sample from the trained model at the end of ``fit`` and report its quality.
+
+It answers "does the model produce well-formed answers, and how good are they?": the EOS rate
+(completions that end by themselves), the mean length, and the mean reward under a reward
+function (the toy task's oracle by default), compared with a target such as the SFT corpus's own
+mean reward. The numbers are printed, logged as ``samples/*`` scalars, and a few sample texts
+go to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from prefl.data import toy
+from prefl.generation import Samples, sample_completions
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+
+
+def resolve_reward_fn(name: str) -> RewardFn:
+    """``"toy"`` for the toy oracle, or ``"package.module:function"`` for your own function
+    ``fn(prompts, completions) -> list[float]``."""
+    if name == "toy":
+        return toy.oracle_rewards
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(f"reward function {name!r}: expected 'toy' or 'package.module:function'")
+    return getattr(importlib.import_module(module), attr)
+
+
+class SampleReport(Callback):
+    """Sample completions for held-out prompts after ``fit`` and report EOS rate and reward.
+
+    Args:
+        prompts: ``"toy"`` (the toy task's held-out prompts) or a list of prompt texts.
+        num_samples: Completions per prompt.
+        max_new_tokens: Most tokens per completion.
+        temperature: Sampling temperature (pure sampling: no top-k / top-p).
+        reward: Reward function, ``"toy"`` or ``"package.module:function"``; None = no reward.
+        target_reward: Mean reward to compare with; None with the toy reward = the mean oracle
+            reward of the toy SFT corpus.
+        batch_size: Prompts per ``generate`` call.
+        seed: Sampling seed.
+        num_texts: How many sample texts to print and log.
+    """
+
+    def __init__(
+        self,
+        prompts: str | list[str] = "toy",
+        num_samples: int = 8,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        reward: str | None = "toy",
+        target_reward: float | None = None,
+        batch_size: int = 128,
+        seed: int = 0,
+        num_texts: int = 4,
+    ) -> None:
+        self.prompts = toy.split_prompts()[1] if prompts == "toy" else list(prompts)
+        self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
+        self.temperature, self.batch_size, self.seed = temperature, batch_size, seed
+        self.reward_fn = resolve_reward_fn(reward) if reward else None
+        if target_reward is None and reward == "toy":
+            target_reward = toy.corpus_reward(toy.toy_splits("sft")["train"])
+        self.target_reward, self.num_texts = target_reward, num_texts
+        self.results: dict[str, float] = {}
+
+    def report(self, samples: Samples) -> dict[str, float]:
+        """Summarise samples: ``eos_rate``, ``mean_length`` and (with a reward) ``reward``."""
+        n = len(samples.completions)
+        out = {"eos_rate": sum(samples.ended) / n, "mean_length": sum(samples.lengths) / n}
+        if self.reward_fn is not None:
+            rewards = self.reward_fn(samples.prompts, samples.completions)
+            out["reward"] = sum(rewards) / n
+            if self.target_reward is not None:
+                out["target_reward"] = self.target_reward
+        return out
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sample, print the report and log it (global rank zero)."""
+        if not trainer.is_global_zero:
+            return
+        samples = sample_completions(
+            pl_module.model,
+            pl_module.resolve_tokenizer(),
+            self.prompts,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            num_samples=self.num_samples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        self.results = self.report(samples)
+        lines = [
+            f"prefl samples: {len(samples.completions)} completions of "
+            f"{len(self.prompts)} held-out prompts",
+            f"  EOS rate    {self.results['eos_rate']:.3f}",
+            f"  mean length {self.results['mean_length']:.2f} tokens",
+        ]
+        if "reward" in self.results:
+            line = f"  mean reward {self.results['reward']:+.3f}"
+            if "target_reward" in self.results:
+                gap = self.results["reward"] - self.results["target_reward"]
+                line += f" (target {self.results['target_reward']:+.3f}, gap {gap:+.3f})"
+            lines.append(line)
+        pairs = zip(samples.prompts, samples.completions, strict=True)
+        texts = [f"  {p!r} -> {c!r}" for p, c in pairs]
+        shown = texts[:: self.num_samples][: self.num_texts]
+        rank_zero_info("\n".join([*lines, *shown]))
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"samples/{k}": v for k, v in self.results.items()}, step=trainer.global_step
+            )
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("samples", "\n\n".join(texts[:32]), trainer.global_step)
+                logger.experiment.flush()

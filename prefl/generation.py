@@ -1,0 +1,106 @@
+"""Sampling completions from a causal LM: left-padded prompts, KV cache, EOS truncation.
+
+:func:`sample_completions` is what evaluation (and later the PPO rollout) builds on: prompts are
+left-padded (so every row's last prompt token sits at the same position and the KV cache is used
+by ``generate``), sampling is pure (temperature only: ``top_k=0``, ``top_p=1``), everything after
+the first EOS is padding, and the RNG is seeded without disturbing the global one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from prefl.data.collate import pad
+
+
+@dataclass
+class Samples:
+    """Completions sampled for a list of prompts (one entry per prompt and sample).
+
+    Attributes:
+        prompts: The prompt text of each completion.
+        completions: The decoded completion texts (special tokens removed).
+        ended: Whether each completion emitted EOS before ``max_new_tokens`` ran out.
+        lengths: Completion lengths in tokens, EOS included.
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    ended: list[bool]
+    lengths: list[int]
+
+
+def completion_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """``(B, T)`` mask, 1 on tokens up to and including the first EOS of each row, 0 after.
+
+    Args:
+        ids: ``(B, T)`` generated token ids (the completion part only).
+        eos_id: The EOS id.
+    """
+    is_eos = (ids == eos_id).long()
+    before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
+    return (before == 0).long()
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    num_samples: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> Samples:
+    """Sample ``num_samples`` completions for each prompt.
+
+    Args:
+        model: A Hugging Face causal LM (eval mode is set for the call and restored after).
+        tokenizer: Its tokenizer (PAD distinct from EOS).
+        prompts: Prompt texts, tokenized with special tokens (BOS) as in training.
+        max_new_tokens: Most tokens per completion.
+        temperature: Sampling temperature (> 0); no top-k / top-p filtering.
+        num_samples: Completions per prompt.
+        batch_size: Prompts per ``generate`` call.
+        seed: Seed of the sampling RNG (the global RNG state is restored afterwards).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    expanded = [p for p in prompts for _ in range(num_samples)]
+    out = Samples([], [], [], [])
+    eos = tokenizer.eos_token_id
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(expanded), batch_size):
+            chunk = expanded[start : start + batch_size]
+            ids = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+            length = max(len(i) for i in ids)
+            input_ids = pad(ids, tokenizer.pad_token_id, length, left=True).to(device)
+            attention = pad([[1] * len(i) for i in ids], 0, length, left=True).to(device)
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )[:, length:]
+            mask = completion_mask(generated, eos)
+            for row, row_mask in zip(generated, mask, strict=True):
+                n = int(row_mask.sum())
+                tokens = row[:n].tolist()
+                out.prompts.append(chunk[len(out.completions) - start])
+                out.completions.append(tokenizer.decode(tokens, skip_special_tokens=True))
+                out.ended.append(bool(tokens) and tokens[-1] == eos)
+                out.lengths.append(n)
+    model.train(was_training)
+    return out

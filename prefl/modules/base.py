@@ -1,0 +1,93 @@
+"""The shared base of prefl's LightningModules: model building, optimizers, export.
+
+:class:`CausalLMModule` owns what every stage repeats: the tokenizer (given, or taken from the
+Trainer's data module), the causal LM built in ``configure_model`` (so strategies that shard or
+delay initialisation can wrap it), the injected optimizer and scheduler (``OptimizerCallable`` /
+``LRSchedulerCallable``, configurable from YAML), and :meth:`CausalLMModule.export` to a Hugging
+Face directory that the next stage loads by path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from transformers import PreTrainedTokenizerBase
+
+from prefl.models import CausalLMSpec, build_causal_lm, load_tokenizer, merge_lora
+
+
+class CausalLMModule(LightningModule):
+    """Base class: a causal LM, its tokenizer and its optimizer.
+
+    Args:
+        model: The causal LM: a :class:`~prefl.models.CausalLMSpec`, or a hub id / local path.
+        tokenizer: The tokenizer (``"toy"``, hub id, path or instance). None = the Trainer's
+            data module's tokenizer (the CLI links the two, so they always agree).
+        optimizer: Builds the optimizer from the trainable parameters.
+        lr_scheduler: Builds a learning-rate scheduler from the optimizer; it steps after every
+            optimizer step. None = constant learning rate.
+    """
+
+    def __init__(
+        self,
+        model: CausalLMSpec | str,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "lr_scheduler"])
+        self.model_spec = model
+        self.tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.model: torch.nn.Module | None = None
+
+    def resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The module's tokenizer, or the attached data module's when none was given."""
+        if self.tokenizer is None:
+            trainer = self._trainer
+            datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+            if datamodule is None or getattr(datamodule, "tokenizer", None) is None:
+                raise ValueError(
+                    f"{type(self).__name__}: no tokenizer; pass `tokenizer=` or fit with a "
+                    "PreferenceDataModule (its tokenizer is used)"
+                )
+            self.tokenizer = datamodule.tokenizer
+        return self.tokenizer
+
+    def configure_model(self) -> None:
+        """Build the causal LM (once) from ``model`` and the tokenizer."""
+        if self.model is None:
+            self.model = build_causal_lm(self.model_spec, self.resolve_tokenizer())
+
+    def configure_optimizers(self) -> Any:
+        """The injected optimizer over trainable parameters, with the optional scheduler."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        schedule = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def export(self, dirpath: str | Path) -> Path:
+        """Write the model (LoRA merged) and tokenizer as a Hugging Face directory (safetensors).
+
+        Args:
+            dirpath: Target directory, created if needed.
+
+        Returns:
+            The directory, loadable with ``AutoModelForCausalLM.from_pretrained`` and
+            ``AutoTokenizer.from_pretrained``.
+        """
+        if self.model is None:
+            raise ValueError("export: the model is not built yet (call configure_model first)")
+        out = Path(dirpath)
+        out.mkdir(parents=True, exist_ok=True)
+        merge_lora(self.model).save_pretrained(out, safe_serialization=True)
+        self.resolve_tokenizer().save_pretrained(out)
+        return out

@@ -1,0 +1,90 @@
+"""SFTModule: supervised fine-tuning on prompt + completion, the loss on completion tokens only.
+
+SFT teaches the *shape* of an answer and yields the model every later stage starts from (and the
+frozen reference of DPO and PPO). It reads the data module's ``sft`` batches (``input_ids``,
+``attention_mask``, ``loss_mask``) and logs, through torchmetrics (correct across batches and
+data-parallel ranks): ``train/loss``, ``train/token_accuracy``, and ``val/loss``,
+``val/token_accuracy``, ``val/perplexity`` (the exponential of the token-mean validation NLL).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
+
+from prefl.losses import sft_loss
+from prefl.models import CausalLMSpec
+from prefl.modules.base import CausalLMModule
+
+
+class SFTModule(CausalLMModule):
+    """Supervised fine-tuning of a causal LM on completion tokens.
+
+    Args:
+        model: The causal LM: a :class:`~prefl.models.CausalLMSpec`, or a hub id / local path.
+        tokenizer: The tokenizer; None = the data module's (the CLI links them).
+        optimizer: Builds the optimizer from the trainable parameters.
+        lr_scheduler: Optional scheduler, stepped after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: CausalLMSpec | str,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(model, tokenizer, optimizer, lr_scheduler)
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{stage}_{name}": MeanMetric()
+                for stage in ("train", "val")
+                for name in ("nll", "accuracy")
+            }
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)`` for right-padded ``input_ids`` ``(B, T)`` (mask 1 = real)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        labels, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+        loss, n_tokens, correct = sft_loss(logits[:, :-1], labels, mask)
+        weight = n_tokens.float()
+        self.metrics[f"{stage}_nll"](loss.detach(), weight)
+        self.metrics[f"{stage}_accuracy"](correct.float() / weight.clamp(min=1), weight)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One step's loss; logs ``train/loss`` and ``train/token_accuracy`` (step and epoch)."""
+        loss = self._step(batch, "train")
+        for name, key in (("loss", "train_nll"), ("token_accuracy", "train_accuracy")):
+            self.log(
+                f"train/{name}",
+                self.metrics[key],
+                on_step=True,
+                on_epoch=True,
+                prog_bar=name == "loss",
+            )
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate validation NLL and token accuracy."""
+        self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/loss``, ``val/token_accuracy`` and ``val/perplexity`` for the epoch."""
+        nll = self.metrics["val_nll"].compute()
+        self.log_dict(
+            {
+                "val/loss": nll,
+                "val/perplexity": torch.exp(nll),
+                "val/token_accuracy": self.metrics["val_accuracy"].compute(),
+            },
+            prog_bar=True,
+        )
+        self.metrics["val_nll"].reset()
+        self.metrics["val_accuracy"].reset()
