@@ -1,16 +1,28 @@
 """prefl: preference tuning of language models (SFT, reward model, DPO, PPO) on Lightning.
 
-The public API; see the README for a tour.
+The public API, loaded lazily so that ``import prefl.functional`` or ``import prefl.losses``
+pulls in torch alone; see the README for a tour.
 """
 
-from prefl.callbacks import HFExport, SampleReport
-from prefl.data import PreferenceDataModule
-from prefl.functional import masked_mean, sequence_logps
-from prefl.models import CausalLMSpec, LoraSpec, build_causal_lm, load_tokenizer
-from prefl.modules import SFTModule
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "CausalLMSpec": "prefl.models",
+    "HFExport": "prefl.callbacks",
+    "LoraSpec": "prefl.models",
+    "PreferenceDataModule": "prefl.data",
+    "SFTModule": "prefl.modules",
+    "SampleReport": "prefl.callbacks",
+    "build_causal_lm": "prefl.models",
+    "load_tokenizer": "prefl.models",
+    "masked_mean": "prefl.functional",
+    "sequence_logps": "prefl.functional",
+}
 __all__ = [
     "CausalLMSpec",
     "HFExport",
@@ -23,3 +35,22 @@ __all__ = [
     "masked_mean",
     "sequence_logps",
 ]
+
+if TYPE_CHECKING:
+    from prefl.callbacks import HFExport, SampleReport
+    from prefl.data import PreferenceDataModule
+    from prefl.functional import masked_mean, sequence_logps
+    from prefl.models import CausalLMSpec, LoraSpec, build_causal_lm, load_tokenizer
+    from prefl.modules import SFTModule
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prefl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -28,14 +28,17 @@ class PreflCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None, run: bool = True) -> PreflCLI:
+def main(
+    args: list[str] | None = None, run: bool = True, cli_class: type[PreflCLI] = PreflCLI
+) -> PreflCLI:
     """Run the ``prefl`` command (``args`` default to ``sys.argv[1:]``).
 
     Args:
         args: Command-line arguments, e.g. ``["fit", "-c", "configs/toy/sft.yaml"]``.
         run: Run the subcommand; False only parses and instantiates (no subcommand in ``args``).
+        cli_class: The CLI class (tests pass a subclass that skips instantiation).
     """
-    return PreflCLI(
+    return cli_class(
         CausalLMModule,
         PreferenceDataModule,
         subclass_mode_model=True,
