@@ -22,6 +22,7 @@ from typing import Any
 
 FORMATS = ("explicit", "implicit", "conversational")
 ASSISTANT_MARKER = "\n\nAssistant:"
+HUMAN_MARKER = "\n\nHuman:"
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -109,9 +110,11 @@ def _text(row: Mapping[str, Any], column: str, where: tuple[str, int]) -> str:
 def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     r"""Split two full texts into (prompt, chosen reply, rejected reply).
 
-    The prompt is the longest common prefix cut back to the end of its last
-    ``"\\n\\nAssistant:"`` marker (HH style). Texts without that marker fall back to the longest
-    common prefix cut back to a whitespace boundary. Returns None when there is no common prompt.
+    The prompt is the longest common prefix cut back to the end of its last assistant turn
+    marker (HH style): the first ``"\n\nAssistant:"`` after the last ``"\n\nHuman:"``, so a
+    marker that both replies happen to contain is not taken for a turn. Texts without the
+    marker fall back to the longest common prefix cut back to a whitespace boundary. Returns
+    None when there is no common prompt.
     """
     n = 0
     for a, b in zip(chosen, rejected, strict=False):
@@ -119,7 +122,10 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | None:
             break
         n += 1
     common = chosen[:n]
-    end = common.rfind(ASSISTANT_MARKER)
+    human = common.rfind(HUMAN_MARKER)
+    end = common.find(ASSISTANT_MARKER, human) if human >= 0 else -1
+    if end < 0:  # no human turn, or the texts diverge inside one: take the last assistant turn
+        end = common.rfind(ASSISTANT_MARKER)
     if end >= 0:
         end += len(ASSISTANT_MARKER)
     elif ASSISTANT_MARKER not in chosen:

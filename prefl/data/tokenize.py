@@ -7,7 +7,8 @@ that prompt + completion fits ``max_length``. A truncated completion keeps no EO
 
 Rows are never dropped here: each gets a ``drop_reason`` (``""`` when kept) so that the data
 module can count reasons before it filters. Reasons: ``identical`` (chosen == rejected text),
-``identical_after_truncation`` and ``prompt_too_long`` (no room left for a completion).
+``identical_after_truncation``, ``prompt_too_long`` (no room left for a completion) and
+``empty_completion`` (an implicit reply that is only whitespace, as in a few Anthropic HH rows).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from prefl.data.formats import Columns, RowError, extract_texts
 
-DROP_REASONS = ("identical", "identical_after_truncation", "prompt_too_long")
+DROP_REASONS = ("identical", "identical_after_truncation", "prompt_too_long", "empty_completion")
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ def tokenize_batch(
         result = tokenize_row(prompts[i], completions, limits, tokenizer.bos_token_id)
         if mode == "pairs" and t.chosen == t.rejected:
             result["drop_reason"] = "identical"
+        elif any(not text.strip() for text in completion_texts[i]):
+            result["drop_reason"] = "empty_completion"
         out["prompt_ids"].append(result["prompt_ids"])
         out["truncated"].append(result["truncated"])
         out["drop_reason"].append(result["drop_reason"])

@@ -26,68 +26,29 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+# fmt: off
 POSITIVE: tuple[str, ...] = (
-    "great",
-    "good",
-    "wonderful",
-    "brilliant",
-    "fun",
-    "moving",
-    "superb",
-    "charming",
-    "delightful",
-    "fresh",
+    "great", "good", "wonderful", "brilliant", "fun", "moving",
+    "superb", "charming", "delightful", "fresh",
 )
 NEGATIVE: tuple[str, ...] = (
-    "bad",
-    "boring",
-    "awful",
-    "dull",
-    "weak",
-    "terrible",
-    "messy",
-    "bland",
-    "tedious",
-    "clumsy",
-    "poor",
-    "flat",
+    "bad", "boring", "awful", "dull", "weak", "terrible", "messy",
+    "bland", "tedious", "clumsy", "poor", "flat",
 )
 NEUTRAL: tuple[str, ...] = (
-    "and",
-    "very",
-    "quite",
-    "the",
-    "story",
-    "scenes",
-    "really",
-    "a",
-    "bit",
-    "mostly",
-    "also",
-    "long",
-    "with",
-    "some",
-    "moments",
-    "at",
-    "times",
-    "then",
+    "and", "very", "quite", "the", "story", "scenes", "really", "a", "bit",
+    "mostly", "also", "long", "with", "some", "moments", "at", "times", "then",
 )
 OPENERS: dict[str, str] = {
     "happily": "positive", "luckily": "positive", "gladly": "positive",
     "sadly": "negative", "alas": "negative", "regrettably": "negative",
     "honestly": "neutral", "frankly": "neutral", "overall": "neutral",
-}  # fmt: skip
+}
 SUBJECTS: tuple[str, ...] = (
-    "movie",
-    "film",
-    "plot",
-    "acting",
-    "ending",
-    "soundtrack",
-    "script",
-    "cast",
+    "movie", "film", "plot", "acting", "ending", "soundtrack", "script", "cast",
 )
 VERBS: tuple[str, ...] = ("was", "is", "felt", "seemed")
+# fmt: on
 PUNCTUATION: tuple[str, ...] = (",", ".")
 
 #: Probability of a (positive, negative, neutral) word for each mood of the prompt.
