@@ -63,6 +63,18 @@ class CausalLMModule(LightningModule):
         """Build the causal LM (once) from ``model`` and the tokenizer."""
         if self.model is None:
             self.model = build_causal_lm(self.model_spec, self.resolve_tokenizer())
+            self._check_lengths()
+
+    def _check_lengths(self) -> None:
+        """Fail early when the data's ``max_length`` exceeds the model's position range."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        limits = getattr(datamodule, "limits", None)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if limits is not None and positions is not None and limits.max_length > positions:
+            raise ValueError(
+                f"data.max_length={limits.max_length} exceeds the model's "
+                f"max_position_embeddings={positions}; lower data.max_length"
+            )
 
     def configure_optimizers(self) -> Any:
         """The injected optimizer over trainable parameters, with the optional scheduler."""

@@ -671,3 +671,23 @@ def test_hh_first_rows_through_the_data_module(tmp_path, summary_log):
             assert (loss <= att).all() and (loss.sum(dim=1) > 0).all()
         n_rows += len(batch["chosen_input_ids"])
     assert n_rows == s["used"]
+
+
+def test_num_proc_gives_the_same_rows_and_stats(tmp_path):
+    def build(num_proc):
+        dm = PreferenceDataModule(
+            "toy",
+            mode="pairs",
+            max_samples=64,
+            max_length=12,
+            max_prompt_length=6,
+            num_proc=num_proc,
+            cache_dir=str(tmp_path / f"cache{num_proc}"),
+        )
+        dm.setup("fit")
+        return dm
+
+    one, two = build(None), build(2)
+    assert one.stats == two.stats
+    assert one.stats["train"]["truncated"] > 0  # the limits are tight enough to cut rows
+    assert one.datasets["train"].to_list() == two.datasets["train"].to_list()

@@ -147,3 +147,16 @@ def test_export_before_build_is_an_error(tmp_path):
     module = SFTModule(CausalLMSpec(config="toy"), tokenizer=load_tokenizer("toy"))
     with pytest.raises(ValueError, match="not built"):
         module.export(tmp_path)
+
+
+def test_max_length_beyond_the_models_positions_is_a_config_error(tmp_path):
+    dm = PreferenceDataModule(mode="sft", max_length=512, max_samples=8)  # toy model: 128
+    trainer = Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match="data.max_length=512 exceeds .*=128"):
+        trainer.fit(SFTModule(CausalLMSpec(config="toy")), datamodule=dm)
