@@ -101,6 +101,7 @@ def build_causal_lm(
         common["attn_implementation"] = spec.attn_implementation
     if spec.name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype, **common)
+        model.train()  # from_pretrained returns eval mode; Lightning does not switch it back
     else:
         kwargs = _config_kwargs(spec.config)
         model_type = kwargs.pop("model_type")
@@ -134,7 +135,11 @@ def align_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 def disable_dropout(model: torch.nn.Module) -> None:
     """Set the probability of every ``nn.Dropout`` in ``model`` to 0 (preference tuning and RL
-    compare log-probs of two forwards; dropout would make them disagree)."""
+    compare log-probs of two forwards; dropout would make them disagree). Float dropout rates
+    kept as module attributes (Llama's ``attention_dropout``, applied functionally) go to 0 too."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
