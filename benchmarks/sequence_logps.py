@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from prefl.functional import sequence_logps
+from prefl.functional import next_token_targets, sequence_logps
 
-VARIANTS = ("naive", "chunked")
+VARIANTS = ("naive", "chunked", "chunked_shift_labels")
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
 RESULT_PREFIX = "RESULT "
 
@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="pass contiguous (B, T, V) logits instead of the causally shifted logits[:, :-1]",
     )
+    parser.add_argument(
+        "--no-grad",
+        action="store_true",
+        help="forward only under torch.no_grad (the frozen reference model's log-probs)",
+    )
     parser.add_argument("--json", default="benchmarks/results/sequence_logps.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -94,33 +99,41 @@ def peak_rss_bytes() -> int:
 def make_inputs(
     args: argparse.Namespace, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs as a trainer has them: full (B, T+1, V) logits and ids, shifted at call time.
+    """Inputs as a trainer has them: (B, T+1, V) logits, (B, T+1) ids and loss mask.
 
-    With ``--no-shift`` the logits are (B, T, V) and passed whole (nothing is sliced).
+    With ``--no-shift`` the logits are (B, T, V) and scored whole against the ids as they are.
     """
     gen = torch.Generator(device=args.device).manual_seed(0)
     shape = (args.batch, args.seq + (0 if args.no_shift else 1))
     logits = torch.randn(
         *shape, vocab, generator=gen, device=args.device, dtype=DTYPES[args.dtype]
-    ).requires_grad_(True)
+    ).requires_grad_(not args.no_grad)
     ids = torch.randint(0, vocab, shape, generator=gen, device=args.device)
     mask = torch.ones(shape, dtype=torch.bool, device=args.device)
     mask[:, : args.seq // 4] = False  # the prompt is not scored
-    ids = ids.masked_fill(~mask, -100)  # ignored ids, as a data collator writes them
+    return logits, ids, mask
+
+
+def score(args: argparse.Namespace, logits, ids, mask) -> torch.Tensor:
+    """One call of the variant, with the causal shift done the variant's way.
+
+    ``naive`` and ``chunked`` slice the logits (``logits[:, :-1]`` against ``ids[:, 1:]``);
+    ``chunked_shift_labels`` scores the full logits against ``next_token_targets`` (prefl's way).
+    """
     if args.no_shift:
-        return logits, ids, mask
-    return logits, ids[:, 1:], mask[:, 1:]
+        labels, m, x = ids.masked_fill(~mask, -100), mask, logits
+    elif args.variant == "chunked_shift_labels":
+        (labels, m), x = next_token_targets(ids, mask), logits
+    else:
+        labels, m, x = ids[:, 1:].masked_fill(~mask[:, 1:], -100), mask[:, 1:], logits[:, :-1]
+    if args.variant == "naive":
+        return naive_sequence_logps(x, labels, m)
+    return sequence_logps(x, labels, m, chunk_size=args.chunk_size)
 
 
 def run_worker(args: argparse.Namespace) -> dict:
     vocab = args.vocab[0]
-    logits, labels, mask = make_inputs(args, vocab)
-    if args.variant == "naive":
-        fn = naive_sequence_logps
-    else:
-
-        def fn(x, y, m):
-            return sequence_logps(x, y, m, chunk_size=args.chunk_size)
+    logits, ids, mask = make_inputs(args, vocab)
 
     cuda = args.device == "cuda"
     gc.collect()
@@ -137,8 +150,10 @@ def run_worker(args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = fn(logits if args.no_shift else logits[:, :-1], labels, mask)
-        out.sum().backward()
+        with torch.set_grad_enabled(not args.no_grad):
+            out = score(args, logits, ids, mask)
+            if not args.no_grad:
+                out.sum().backward()
         if cuda:
             torch.cuda.synchronize()
         if i > 0:
@@ -165,6 +180,8 @@ def spawn_worker(args: argparse.Namespace, variant: str, vocab: int) -> dict:
         cmd += ["--chunk-size", str(args.chunk_size)]
     if args.no_shift:
         cmd.append("--no-shift")
+    if args.no_grad:
+        cmd.append("--no-grad")
     # A fixed glibc mmap threshold makes big CPU buffers go straight back to the OS when freed,
     # so peak RSS tracks live tensors rather than allocator caching (ignored off glibc).
     env = {"MALLOC_MMAP_THRESHOLD_": str(2**20), **os.environ}
@@ -177,16 +194,16 @@ def spawn_worker(args: argparse.Namespace, variant: str, vocab: int) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'variant':<8} {'V':>7} {'median ms':>10} {'peak extra MiB':>15}"
+    header = f"{'variant':<20} {'V':>7} {'median ms':>10} {'peak extra MiB':>15}"
     header += f" {'time x naive':>13} {'mem x naive':>12}"
     print(header)
     print("-" * len(header))
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:<8} {r['vocab']:>7} ERROR: {r['error']}")
+            print(f"{r['variant']:<20} {r['vocab']:>7} ERROR: {r['error']}")
             continue
         print(
-            f"{r['variant']:<8} {r['vocab']:>7} {r['median_ms']:>10.1f} "
+            f"{r['variant']:<20} {r['vocab']:>7} {r['median_ms']:>10.1f} "
             f"{r['peak_extra_mib']:>15.1f} {r.get('time_ratio', float('nan')):>13.2f} "
             f"{r.get('mem_ratio', float('nan')):>12.3f}"
         )
@@ -210,12 +227,17 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(res)
 
     shift = "logits[:, :-1]" if not args.no_shift else "whole logits"
-    print(f"B={args.batch} T={args.seq} dtype={args.dtype} device={args.device} {shift} ", end="")
+    mode = "forward only" if args.no_grad else "forward+backward"
+    print(
+        f"B={args.batch} T={args.seq} dtype={args.dtype} device={args.device} {shift} {mode} ",
+        end="",
+    )
     print(f"repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()}")
     print_table(rows)
     meta = {k: getattr(args, k) for k in ("batch", "seq", "repeats", "device", "dtype", "vocab")}
     meta.update(
         chunk_size=args.chunk_size,
+        no_grad=args.no_grad,
         shifted=not args.no_shift,
         torch=torch.__version__,
         python=platform.python_version(),
@@ -228,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
-    print("peak extra includes the (B, T, V) logits gradient; the slice backward adds one more")
+    if not args.no_grad:
+        print("peak extra includes the (B, T, V) logits gradient; the slice backward adds one more")
 
 
 if __name__ == "__main__":

@@ -216,8 +216,9 @@ def sequence_logps(
 
     Computes ``sum_t mask[b, t] * log softmax(logits)[b, t, labels[b, t]]`` with the chunked,
     memory-efficient :func:`token_logps`. ``labels`` must be aligned with ``logits``; the
-    caller does the causal shift, e.g.
-    ``sequence_logps(out.logits[:, :-1], ids[:, 1:], loss_mask[:, 1:])``.
+    caller does the causal shift, preferably on the labels with :func:`next_token_targets`
+    (``sequence_logps(out.logits, *next_token_targets(ids, loss_mask))``): slicing the logits
+    instead (``out.logits[:, :-1]``) makes autograd allocate one more ``(B, T, V)`` gradient.
 
     Args:
         logits: ``(B, T, V)`` logits of any float dtype (e.g. bf16).
@@ -233,3 +234,23 @@ def sequence_logps(
         ValueError: If the shapes or dtypes do not match or ``chunk_size`` is not positive.
     """
     return token_logps(logits, labels, mask, chunk_size=chunk_size).sum(-1)
+
+
+def next_token_targets(input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Shift the targets, not the logits: labels and mask aligned with full ``(B, T, V)`` logits.
+
+    ``labels[:, t] = input_ids[:, t + 1]`` and ``mask[:, t] = loss_mask[:, t + 1]``; the last
+    position has no next token and is masked out. Scoring the full logits against these avoids
+    the extra ``(B, T, V)`` gradient buffer that the backward of ``logits[:, :-1]`` allocates.
+
+    Args:
+        input_ids: ``(B, T)`` token ids.
+        loss_mask: ``(B, T)``, 1 on the tokens to score (completion tokens), 0 elsewhere.
+
+    Returns:
+        ``(labels, mask)``, both ``(B, T)``; ``mask`` is bool.
+    """
+    labels = torch.roll(input_ids, shifts=-1, dims=1)
+    mask = torch.roll(loss_mask.to(torch.bool), shifts=-1, dims=1)
+    mask[:, -1] = False
+    return labels, mask

@@ -20,6 +20,7 @@ from prefl.functional import (
     masked_mean,
     masked_sum,
     masked_var,
+    next_token_targets,
     sequence_logps,
     token_logps,
 )
@@ -313,3 +314,24 @@ def test_chunks_are_views_covering_all_rows_in_order(shifted, chunk_size):
         assert torch.equal(rows, flat_ref[start:stop])
         expected_start = stop
     assert expected_start == flat_ref.shape[0]
+
+
+def test_next_token_targets_hand_case():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    loss_mask = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
+    labels, mask = next_token_targets(ids, loss_mask)
+    assert labels.tolist() == [[6, 7, 0, 5], [9, 0, 0, 8]]
+    assert mask.tolist() == [[True, True, False, False], [True, False, False, False]]
+
+
+def test_next_token_targets_equals_slicing_the_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 6))
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0]])
+    full = sequence_logps(logits, *next_token_targets(ids, loss_mask))
+    sliced = sequence_logps(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:])
+    torch.testing.assert_close(full, sliced, rtol=0, atol=1e-6)
+    (g_full,) = torch.autograd.grad(full.sum(), logits)
+    (g_sliced,) = torch.autograd.grad(sliced.sum(), logits)
+    torch.testing.assert_close(g_full, g_sliced, rtol=0, atol=1e-6)

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from prefl.functional import next_token_targets
 from prefl.losses import sft_loss
 from prefl.models import CausalLMSpec
 from prefl.modules.base import CausalLMModule
@@ -51,8 +52,8 @@ class SFTModule(CausalLMModule):
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        labels, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
-        loss, n_tokens, correct = sft_loss(logits[:, :-1], labels, mask)
+        labels, mask = next_token_targets(batch["input_ids"], batch["loss_mask"])
+        loss, n_tokens, correct = sft_loss(logits, labels, mask)
         weight = n_tokens.float()
         self.metrics[f"{stage}_nll"](loss.detach(), weight)
         self.metrics[f"{stage}_accuracy"](correct.float() / weight.clamp(min=1), weight)
