@@ -691,3 +691,18 @@ def test_num_proc_gives_the_same_rows_and_stats(tmp_path):
     assert one.stats == two.stats
     assert one.stats["train"]["truncated"] > 0  # the limits are tight enough to cut rows
     assert one.datasets["train"].to_list() == two.datasets["train"].to_list()
+
+
+def test_trust_remote_code_reaches_the_tokenizer_loader(monkeypatch):
+    import prefl.data.datamodule as dm_module
+
+    seen = []
+
+    def fake_load(tokenizer, trust_remote_code=False):
+        seen.append(trust_remote_code)
+        return load_tokenizer("toy")
+
+    monkeypatch.setattr(dm_module, "load_tokenizer", fake_load)
+    PreferenceDataModule(tokenizer="some/repo")
+    PreferenceDataModule(tokenizer="some/repo", trust_remote_code=True)
+    assert seen == [False, True]
