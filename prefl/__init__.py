@@ -13,11 +13,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CausalLMSpec": "prefl.models",
+    "DPOModule": "prefl.modules",
     "HFExport": "prefl.callbacks",
     "LoraSpec": "prefl.models",
     "PreferenceDataModule": "prefl.data",
     "SFTModule": "prefl.modules",
     "SampleReport": "prefl.callbacks",
+    "WarmupCosineLR": "prefl.modules",
     "build_causal_lm": "prefl.models",
     "load_tokenizer": "prefl.models",
     "masked_mean": "prefl.functional",
@@ -25,11 +27,13 @@ _EXPORTS = {
 }
 __all__ = [
     "CausalLMSpec",
+    "DPOModule",
     "HFExport",
     "LoraSpec",
     "PreferenceDataModule",
     "SFTModule",
     "SampleReport",
+    "WarmupCosineLR",
     "build_causal_lm",
     "load_tokenizer",
     "masked_mean",
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
     from prefl.data import PreferenceDataModule
     from prefl.functional import masked_mean, sequence_logps
     from prefl.models import CausalLMSpec, LoraSpec, build_causal_lm, load_tokenizer
-    from prefl.modules import SFTModule
+    from prefl.modules import DPOModule, SFTModule, WarmupCosineLR
 
 
 def __getattr__(name: str) -> Any:

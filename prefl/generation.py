@@ -9,12 +9,13 @@ the first EOS is padding, and the RNG is seeded without disturbing the global on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from prefl.data.collate import pad
+from prefl.functional import next_token_targets, token_logps
 
 
 @dataclass
@@ -26,12 +27,16 @@ class Samples:
         completions: The decoded completion texts (special tokens removed).
         ended: Whether each completion emitted EOS before ``max_new_tokens`` ran out.
         lengths: Completion lengths in tokens, EOS included.
+        prompt_ids: Token ids of each prompt (BOS included).
+        completion_ids: Token ids of each completion, up to and including the first EOS.
     """
 
-    prompts: list[str]
-    completions: list[str]
-    ended: list[bool]
-    lengths: list[int]
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    ended: list[bool] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
 
 
 def completion_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -73,7 +78,7 @@ def sample_completions(
     model.eval()
     device = next(model.parameters()).device
     expanded = [p for p in prompts for _ in range(num_samples)]
-    out = Samples([], [], [], [])
+    out = Samples()
     eos = tokenizer.eos_token_id
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -95,12 +100,48 @@ def sample_completions(
                 eos_token_id=eos,
             )[:, length:]
             mask = completion_mask(generated, eos)
-            for row, row_mask in zip(generated, mask, strict=True):
+            for i, (row, row_mask) in enumerate(zip(generated, mask, strict=True)):
                 n = int(row_mask.sum())
                 tokens = row[:n].tolist()
-                out.prompts.append(chunk[len(out.completions) - start])
+                out.prompts.append(chunk[i])
+                out.prompt_ids.append(ids[i])
+                out.completion_ids.append(tokens)
                 out.completions.append(tokenizer.decode(tokens, skip_special_tokens=True))
                 out.ended.append(bool(tokens) and tokens[-1] == eos)
                 out.lengths.append(n)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def score_samples(
+    model: torch.nn.Module, samples: Samples, pad_token_id: int, batch_size: int = 64
+) -> torch.Tensor:
+    """Log-probability ``(N,)`` of each sampled completion (EOS included) under ``model``.
+
+    With the policy and its reference, ``score(policy) - score(reference)`` on the policy's own
+    samples is a per-sample estimate of the sequence-level KL(policy || reference).
+
+    Args:
+        model: A causal LM (eval mode for the call, restored after).
+        samples: Output of :func:`sample_completions` (prompt and completion ids are used).
+        pad_token_id: The PAD id; batches are right-padded.
+        batch_size: Sequences per forward.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(samples.completion_ids), batch_size):
+        prompts = samples.prompt_ids[start : start + batch_size]
+        completions = samples.completion_ids[start : start + batch_size]
+        seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+        length = max(len(s) for s in seqs)
+        ids = pad(seqs, pad_token_id, length).to(device)
+        attention = pad([[1] * len(s) for s in seqs], 0, length).to(device)
+        loss_mask = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)]
+        labels, mask = next_token_targets(ids, pad(loss_mask, 0, length).to(device))
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        out.append(token_logps(logits, labels, mask).sum(-1).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)

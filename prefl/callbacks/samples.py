@@ -12,12 +12,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedTokenizerBase
 
 from prefl.data import toy
-from prefl.generation import Samples, sample_completions
+from prefl.generation import Samples, sample_completions, score_samples
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
 
@@ -47,6 +49,9 @@ class SampleReport(Callback):
         batch_size: Prompts per ``generate`` call.
         seed: Sampling seed.
         num_texts: How many sample texts to print and log.
+        compare_reference: Also sample from the module's reference (``reference_context()``,
+            e.g. DPO's frozen SFT model) and report its reward, the gain, and the sequence-level
+            KL(policy || reference) on the policy's samples (log-probs at temperature 1).
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class SampleReport(Callback):
         batch_size: int = 128,
         seed: int = 0,
         num_texts: int = 4,
+        compare_reference: bool = False,
     ) -> None:
         self.prompts = toy.split_prompts()[1] if prompts == "toy" else list(prompts)
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
@@ -68,6 +74,7 @@ class SampleReport(Callback):
         if target_reward is None and reward == "toy":
             target_reward = toy.corpus_reward(toy.toy_splits("sft")["train"])
         self.target_reward, self.num_texts = target_reward, num_texts
+        self.compare_reference = compare_reference
         self.results: dict[str, float] = {}
 
     def report(self, samples: Samples) -> dict[str, float]:
@@ -81,13 +88,11 @@ class SampleReport(Callback):
                 out["target_reward"] = self.target_reward
         return out
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Sample, print the report and log it (global rank zero)."""
-        if not trainer.is_global_zero:
-            return
-        samples = sample_completions(
-            pl_module.model,
-            pl_module.resolve_tokenizer(),
+    def sample(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> Samples:
+        """Sample this report's completions from ``model``."""
+        return sample_completions(
+            model,
+            tokenizer,
             self.prompts,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
@@ -95,23 +100,67 @@ class SampleReport(Callback):
             batch_size=self.batch_size,
             seed=self.seed,
         )
+
+    def compare(self, pl_module: LightningModule, samples: Samples) -> dict[str, float]:
+        """Reference figures: its EOS rate and reward on its own samples (same prompts and seed),
+        the reward gain, and KL(policy || reference) estimated on the policy's samples."""
+        tokenizer, pad_id = (
+            pl_module.resolve_tokenizer(),
+            pl_module.resolve_tokenizer().pad_token_id,
+        )
+        policy_scores = score_samples(pl_module.model, samples, pad_id, self.batch_size)
+        with pl_module.reference_context() as reference:
+            ref_report = self.report(self.sample(reference, tokenizer))
+            ref_scores = score_samples(reference, samples, pad_id, self.batch_size)
+        out = {
+            "kl": (policy_scores - ref_scores).mean().item(),
+            "reference_eos_rate": ref_report["eos_rate"],
+        }
+        if "reward" in ref_report:
+            out["reference_reward"] = ref_report["reward"]
+            out["reward_gain"] = self.results["reward"] - ref_report["reward"]
+        return out
+
+    def lines(self) -> list[str]:
+        """The printed report."""
+        r = self.results
+        out = [f"  EOS rate    {r['eos_rate']:.3f}", f"  mean length {r['mean_length']:.2f} tokens"]
+        if "reward" in r:
+            line = f"  mean reward {r['reward']:+.3f}"
+            if "target_reward" in r:
+                gap = r["reward"] - r["target_reward"]
+                line += f" (target {r['target_reward']:+.3f}, gap {gap:+.3f})"
+            out.append(line)
+        if "kl" in r:
+            out.insert(1, f"  reference EOS rate {r['reference_eos_rate']:.3f}")
+            if "reference_reward" in r:
+                out.append(
+                    f"  reference reward {r['reference_reward']:+.3f}, gain {r['reward_gain']:+.3f}"
+                )
+            out.append(f"  KL(policy || reference) {r['kl']:.3f} nats per completion")
+        if "pair_accuracy" in r:
+            out.append(f"  held-out pair accuracy (implicit reward) {r['pair_accuracy']:.3f}")
+        return out
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sample, print the report and log it (global rank zero)."""
+        if not trainer.is_global_zero:
+            return
+        samples = self.sample(pl_module.model, pl_module.resolve_tokenizer())
         self.results = self.report(samples)
-        lines = [
-            f"prefl samples: {len(samples.completions)} completions of "
-            f"{len(self.prompts)} held-out prompts",
-            f"  EOS rate    {self.results['eos_rate']:.3f}",
-            f"  mean length {self.results['mean_length']:.2f} tokens",
-        ]
-        if "reward" in self.results:
-            line = f"  mean reward {self.results['reward']:+.3f}"
-            if "target_reward" in self.results:
-                gap = self.results["reward"] - self.results["target_reward"]
-                line += f" (target {self.results['target_reward']:+.3f}, gap {gap:+.3f})"
-            lines.append(line)
+        if self.compare_reference:
+            self.results.update(self.compare(pl_module, samples))
+        accuracy = trainer.callback_metrics.get("val/rewards/accuracies")
+        if accuracy is not None:
+            self.results["pair_accuracy"] = float(accuracy)
         pairs = zip(samples.prompts, samples.completions, strict=True)
         texts = [f"  {p!r} -> {c!r}" for p, c in pairs]
         shown = texts[:: self.num_samples][: self.num_texts]
-        rank_zero_info("\n".join([*lines, *shown]))
+        header = (
+            f"prefl samples: {len(samples.completions)} completions of "
+            f"{len(self.prompts)} held-out prompts"
+        )
+        rank_zero_info("\n".join([header, *self.lines(), *shown]))
         for logger in trainer.loggers:
             logger.log_metrics(
                 {f"samples/{k}": v for k, v in self.results.items()}, step=trainer.global_step

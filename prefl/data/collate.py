@@ -5,7 +5,8 @@ Batch keys (keep them stable, every module reads them):
 - ``pairs``: ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_loss_mask``,
   ``rejected_input_ids``, ``rejected_attention_mask``, ``rejected_loss_mask``, all ``(B, T)`` and
   right-padded to one common ``T`` so chosen and rejected can be stacked on the batch dimension
-  for a single forward; plus ``margin`` ``(B,)`` when the dataset has one.
+  for a single forward; plus ``margin`` ``(B,)`` when the dataset has one, and
+  ``ref_chosen_logps`` / ``ref_rejected_logps`` ``(B,)`` once precomputed.
 - ``sft``: ``input_ids``, ``attention_mask``, ``loss_mask``, ``(B, T)``, right-padded.
 - ``prompts``: ``prompt_input_ids``, ``prompt_attention_mask`` ``(B, P)``, left-padded for
   generation; plus ``prompt`` (the prompt texts, a list of ``B`` strings) for reward functions.
@@ -20,6 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+#: Per-pair float columns passed through as ``(B,)`` tensors when the dataset has them: the
+#: margin, and reference log-probs precomputed by ``DPOModule(precompute_ref_logps=True)``.
+PASSTHROUGH = ("margin", "ref_chosen_logps", "ref_rejected_logps")
 
 
 def padded_length(lengths: Sequence[int], multiple: int | None) -> int:
@@ -69,8 +74,9 @@ class PreferenceCollator:
         batch: dict[str, Any] = {}
         for name in names:
             batch.update(self._sequences(examples, f"{name}_ids", f"{name}_", length))
-        if "margin" in examples[0]:
-            batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+        for key in PASSTHROUGH:
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch
 
     def _sequences(self, examples, key: str, prefix: str, length: int | None = None) -> dict:

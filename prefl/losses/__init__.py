@@ -1,5 +1,13 @@
-"""Pure loss functions (torch only), one function per variant."""
+"""Pure loss functions (torch only), one function per variant behind a name table."""
 
+from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss, dpo_loss_terms, implicit_rewards
 from prefl.losses.sft import sft_loss
 
-__all__ = ["sft_loss"]
+__all__ = [
+    "DPO_LOSSES",
+    "REFERENCE_FREE",
+    "dpo_loss",
+    "dpo_loss_terms",
+    "implicit_rewards",
+    "sft_loss",
+]

@@ -1,6 +1,8 @@
 """Thin LightningModules wiring a model to a loss and its metrics."""
 
 from prefl.modules.base import CausalLMModule
+from prefl.modules.dpo import DPOModule
+from prefl.modules.schedules import WarmupCosineLR
 from prefl.modules.sft import SFTModule
 
-__all__ = ["CausalLMModule", "SFTModule"]
+__all__ = ["CausalLMModule", "DPOModule", "SFTModule", "WarmupCosineLR"]

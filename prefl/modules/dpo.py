@@ -1,0 +1,332 @@
+"""DPOModule: direct preference optimisation (and its loss family) against a frozen reference.
+
+The policy is loaded from ``model`` (typically the SFT export); the **reference** is a frozen copy
+of that initial policy: eval mode, ``requires_grad=False``, never in the optimizer, and *not*
+saved in checkpoints (resume rebuilds it from the same source; with TR-DPO sync, where it
+changes, it is saved). With LoRA the reference is the same network with its adapters disabled,
+so no second copy exists. ``precompute_ref_logps=True`` runs the reference once over the train
+and validation splits before training, stores the log-probs as dataset columns, then frees it.
+
+Chosen and rejected go through the model in one forward, stacked on the batch dimension. Metrics
+(torchmetrics, correct across batches and ranks), for ``train/`` and ``val/``:
+``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (strict
+``>``), ``logps/chosen``, ``logps/rejected``, ``loss`` and, for mixtures or an NLL term,
+``loss/<type>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
+
+from prefl.functional import next_token_targets, token_logps
+from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss_terms, implicit_rewards
+from prefl.models import CausalLMSpec, build_causal_lm, disable_dropout, is_lora
+from prefl.modules.base import CausalLMModule
+from prefl.modules.schedules import WarmupCosineLR
+
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class DPOModule(CausalLMModule):
+    """Direct preference optimisation of a causal LM on ``pairs`` batches.
+
+    Args:
+        model: The policy: a :class:`~prefl.models.CausalLMSpec` or a hub id / local path (e.g.
+            the SFT export). The reference is a frozen copy of it.
+        tokenizer: The tokenizer; None = the data module's (the CLI links them).
+        beta: Strength of the KL regularisation (DPO's β; τ for IPO).
+        loss_type: A loss name (see ``prefl.losses.DPO_LOSSES``) or a list of them (a mixture).
+        loss_weights: Weights of a mixture's losses, one per type; None = all 1.
+        label_smoothing: Assumed label-noise rate ε (cDPO for ``sigmoid``; ``robust``,
+            ``exo_pair``, ``simpo``).
+        nll_weight: Weight of an NLL term on the chosen completions (RPO's ``rpo_alpha``, CPO's
+            ``cpo_alpha``); 0 = none.
+        simpo_gamma: SimPO's target reward margin γ.
+        discopop_tau: DiscoPOP's temperature τ.
+        precompute_ref_logps: Score the train and validation pairs with the reference once before
+            training and free it (lower memory; needs no reference during training).
+        ref_sync_every: TR-DPO: every this many optimizer steps, move the reference towards the
+            policy; None = never (the reference stays the initial policy).
+        ref_mixup_alpha: TR-DPO's α: ``ref = α * policy + (1 - α) * ref`` at each sync.
+        optimizer: Builds the optimizer from the trainable parameters.
+        lr_scheduler: Builds the scheduler; default linear warmup (10%) then cosine decay over the
+            run. It steps after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: CausalLMSpec | str,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        beta: float = 0.1,
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        nll_weight: float = 0.0,
+        simpo_gamma: float = 0.5,
+        discopop_tau: float = 0.05,
+        precompute_ref_logps: bool = False,
+        ref_sync_every: int | None = None,
+        ref_mixup_alpha: float = 0.6,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
+    ) -> None:
+        super().__init__(model, tokenizer, optimizer, lr_scheduler)
+        self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        unknown = [t for t in self.loss_types if t not in DPO_LOSSES]
+        if unknown or not self.loss_types:
+            raise ValueError(f"model.loss_type: unknown {unknown}; expected {sorted(DPO_LOSSES)}")
+        if loss_weights is not None and len(loss_weights) != len(self.loss_types):
+            raise ValueError(
+                f"model.loss_weights has {len(loss_weights)} values for "
+                f"{len(self.loss_types)} loss types"
+            )
+        if ref_sync_every is not None and precompute_ref_logps:
+            raise ValueError(
+                "model.ref_sync_every (TR-DPO) needs a live reference: it cannot be "
+                "combined with precompute_ref_logps"
+            )
+        self.loss_kwargs: dict[str, Any] = {
+            "beta": beta,
+            "loss_type": self.loss_types,
+            "loss_weights": loss_weights,
+            "label_smoothing": label_smoothing,
+            "nll_weight": nll_weight,
+            "simpo_gamma": simpo_gamma,
+            "discopop_tau": discopop_tau,
+        }
+        self.needs_reference = not set(self.loss_types) <= REFERENCE_FREE
+        self.precompute_ref_logps = precompute_ref_logps
+        self.ref_sync_every, self.ref_mixup_alpha = ref_sync_every, ref_mixup_alpha
+        self.reference: torch.nn.Module | None = None
+        names = [*METRICS, *(f"loss/{t}" for t in self._term_names())]
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{stage}_{n.replace('/', '_')}": MeanMetric()
+                for stage in ("train", "val")
+                for n in names
+            }
+        )
+
+    def _term_names(self) -> list[str]:
+        if len(self.loss_types) == 1 and not self.loss_kwargs["nll_weight"]:
+            return []
+        return [*self.loss_types, *(["nll"] if self.loss_kwargs["nll_weight"] else [])]
+
+    def configure_model(self) -> None:
+        """Build the policy (dropout off) and, unless LoRA provides it, the frozen reference."""
+        if self.model is not None:
+            return
+        super().configure_model()
+        disable_dropout(self.model)
+        if self.needs_reference and not is_lora(self.model):
+            self.reference = _freeze(copy.deepcopy(self.model))
+        if is_lora(self.model) and self.ref_sync_every is not None:
+            raise ValueError(
+                "model.ref_sync_every (TR-DPO) is not supported with LoRA: the "
+                "reference is the base model with adapters disabled"
+            )
+
+    def train(self, mode: bool = True) -> DPOModule:
+        """Switch train/eval mode; the reference always stays in eval mode."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Policy log-probs of a ``pairs`` batch: chosen and rejected in one forward.
+
+        Returns ``chosen_logps``, ``rejected_logps`` (summed over completion tokens, ``(B,)``)
+        and ``chosen_lengths``, ``rejected_lengths`` (completion tokens, ``(B,)``).
+        """
+        return self._pair_logps(self.model, batch)
+
+    @staticmethod
+    def _pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        loss_mask = torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        labels, mask = next_token_targets(ids, loss_mask)
+        logps, lengths = token_logps(logits, labels, mask).sum(-1), mask.sum(-1)
+        n = batch["chosen_input_ids"].shape[0]
+        return {
+            "chosen_logps": logps[:n],
+            "rejected_logps": logps[n:],
+            "chosen_lengths": lengths[:n],
+            "rejected_lengths": lengths[n:],
+        }
+
+    @contextlib.contextmanager
+    def reference_context(self) -> Iterator[torch.nn.Module]:
+        """Yield the reference model: the frozen copy, the LoRA policy with adapters disabled,
+        or (after precomputing) a fresh copy of the initial policy built from ``model``."""
+        if is_lora(self.model):
+            with self.model.disable_adapter():
+                yield self.model
+        elif self.reference is not None:
+            yield self.reference
+        else:
+            rebuilt = _freeze(build_causal_lm(self.model_spec, self.resolve_tokenizer()))
+            yield rebuilt.to(self.device)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs ``(B,)`` of chosen and rejected: precomputed columns if the batch
+        has them, else a no-grad forward of the reference."""
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if self.reference is None and not is_lora(self.model):
+            raise RuntimeError("DPOModule: no reference model and no precomputed ref_*_logps")
+        with self.reference_context() as reference:
+            was_training = reference.training
+            reference.eval()
+            out = self._pair_logps(reference, batch)
+            reference.train(was_training)
+        return out["chosen_logps"], out["rejected_logps"]
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        policy = self(batch)
+        ref_chosen, ref_rejected = (None, None)
+        if self.needs_reference:
+            ref_chosen, ref_rejected = self.reference_logps(batch)
+        kwargs = dict(
+            self.loss_kwargs,
+            chosen_lengths=policy["chosen_lengths"],
+            rejected_lengths=policy["rejected_lengths"],
+        )
+        terms = dpo_loss_terms(
+            policy["chosen_logps"], policy["rejected_logps"], ref_chosen, ref_rejected, **kwargs
+        )
+        loss = terms.pop("total").mean()
+        chosen_r, rejected_r = implicit_rewards(
+            policy["chosen_logps"],
+            policy["rejected_logps"],
+            ref_chosen,
+            ref_rejected,
+            self.loss_kwargs["beta"],
+        )
+        values = {
+            "loss": loss.detach(),
+            "rewards/chosen": chosen_r,
+            "rewards/rejected": rejected_r,
+            "rewards/margins": chosen_r - rejected_r,
+            "rewards/accuracies": (chosen_r > rejected_r).float(),
+            "logps/chosen": policy["chosen_logps"].detach(),
+            "logps/rejected": policy["rejected_logps"].detach(),
+            **{f"loss/{k}": v.detach() for k, v in terms.items() if self._term_names()},
+        }
+        for name, value in values.items():
+            metric = self.metrics[f"{stage}_{name.replace('/', '_')}"]
+            metric(value)
+            self.log(
+                f"{stage}/{name}",
+                metric,
+                on_step=stage == "train",
+                on_epoch=True,
+                prog_bar=name in ("loss", "rewards/accuracies"),
+                batch_size=batch["chosen_input_ids"].shape[0],
+            )
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The preference loss of one batch."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate validation metrics."""
+        self._step(batch, "val")
+
+    def on_fit_start(self) -> None:
+        """Precompute the reference log-probs of the train and validation splits (if asked)."""
+        if self.precompute_ref_logps and self.needs_reference:
+            self.precompute(("train", "val"))
+
+    def on_validation_start(self) -> None:
+        """Precompute the validation split's reference log-probs for ``validate`` runs."""
+        if self.precompute_ref_logps and self.needs_reference and self.reference is not None:
+            self.precompute(("val",))
+
+    def precompute(self, stages: Sequence[str]) -> None:
+        """Score the data module's splits with the reference, store the log-probs as dataset
+        columns ``ref_chosen_logps`` / ``ref_rejected_logps``, then free the reference."""
+        datamodule = self.trainer.datamodule
+        names = {"train": datamodule.hparams.train_split, "val": datamodule.hparams.val_split}
+        for stage in stages:
+            split = names[stage]
+            dataset = datamodule.datasets.get(split)
+            if dataset is None or "ref_chosen_logps" in dataset.column_names:
+                continue
+            loader = DataLoader(
+                dataset,
+                batch_size=datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size,
+                collate_fn=datamodule.collator,
+            )
+            chosen, rejected = [], []
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                c, r = self.reference_logps(batch)
+                chosen += c.float().cpu().tolist()
+                rejected += r.float().cpu().tolist()
+            dataset = dataset.add_column("ref_chosen_logps", chosen)
+            datamodule.datasets[split] = dataset.add_column("ref_rejected_logps", rejected)
+            rank_zero_info(
+                f"prefl dpo: precomputed reference log-probs of {len(chosen)} {split} pairs"
+            )
+        if "train" in stages and not is_lora(self.model):
+            self.reference = None  # no longer needed: training reads the columns
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """TR-DPO: every ``ref_sync_every`` optimizer steps, ``ref = α·policy + (1-α)·ref``."""
+        every = self.ref_sync_every
+        if every is None or self.global_step == 0 or self.global_step % every:
+            return
+        if getattr(self, "_last_sync", -1) == self.global_step:
+            return  # gradient accumulation: several batches end on the same step
+        self._last_sync = self.global_step
+        alpha = self.ref_mixup_alpha
+        with torch.no_grad():
+            for ref, pol in zip(self.reference.parameters(), self.model.parameters(), strict=True):
+                ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the reference out of checkpoints (rebuilt from ``model`` on resume), unless
+        TR-DPO has moved it."""
+        if self.ref_sync_every is None:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("reference.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Fill the reference's weights in from the rebuilt reference, so loading stays strict."""
+        if self.reference is not None:
+            state = checkpoint["state_dict"]
+            for key, value in self.reference.state_dict().items():
+                state.setdefault(f"reference.{key}", value)
