@@ -24,7 +24,7 @@ class ParseOnly(PreflCLI):
 
 def test_configs_are_found_recursively():
     names = {p.relative_to(ROOT).as_posix() for p in CONFIGS}
-    assert {"configs/toy/sft.yaml", "configs/examples/sft_hh.yaml"} <= names
+    assert {"configs/toy/sft.yaml", "configs/toy/dpo.yaml", "configs/examples/dpo_hh.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -72,9 +72,7 @@ def test_python_dash_m_prefl_help():
     assert "--data.max_length" in out.stdout and "--model" in out.stdout
 
 
-def test_toy_sft_run_meets_the_quality_bar(tmp_path):
-    """The acceptance run: well-formed samples (EOS) >= 95% and mean oracle reward within 0.05
-    of the corpus's; the export and TensorBoard logs exist."""
+def run_prefl(config: str, cwd: Path) -> str:
     out = subprocess.run(
         [
             sys.executable,
@@ -82,20 +80,48 @@ def test_toy_sft_run_meets_the_quality_bar(tmp_path):
             "prefl",
             "fit",
             "-c",
-            str(ROOT / "configs/toy/sft.yaml"),
+            str(ROOT / config),
             "--trainer.enable_progress_bar=false",
         ],
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
     )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
-    eos = float(re.search(r"EOS rate\s+([\d.]+)", log).group(1))
-    gap = float(re.search(r"gap ([-+][\d.]+)", log).group(1))
-    assert eos >= 0.95
-    assert abs(gap) <= 0.05
-    export = tmp_path / "runs/toy/sft/export"
+    return log
+
+
+def figure(log: str, pattern: str) -> float:
+    return float(re.search(pattern, log).group(1))
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    """The toy SFT run (the main job), shared by the stages that start from its export."""
+    cwd = tmp_path_factory.mktemp("toy")
+    return cwd, run_prefl("configs/toy/sft.yaml", cwd)
+
+
+def test_toy_sft_run_meets_the_quality_bar(toy_runs):
+    """The acceptance run: well-formed samples (EOS) >= 95% and mean oracle reward within 0.05
+    of the corpus's; the export and TensorBoard logs exist."""
+    cwd, log = toy_runs
+    assert figure(log, r"EOS rate\s+([\d.]+)") >= 0.95
+    assert abs(figure(log, r"gap ([-+][\d.]+)")) <= 0.05
+    export = cwd / "runs/toy/sft/export"
     assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
-    assert list((tmp_path / "runs/toy/sft").rglob("events.out.tfevents.*"))
+    assert list((cwd / "runs/toy/sft").rglob("events.out.tfevents.*"))
+
+
+def test_toy_dpo_run_from_the_sft_export(toy_runs):
+    """DPO from the SFT export: held-out pair accuracy >= 0.85, oracle reward +0.3 over the SFT
+    model's samples, samples still well formed; KL is reported."""
+    cwd, _ = toy_runs
+    log = run_prefl("configs/toy/dpo.yaml", cwd)
+    assert figure(log, r"pair accuracy \(implicit reward\) ([\d.]+)") >= 0.85
+    assert figure(log, r"gain ([-+][\d.]+)") >= 0.3
+    assert figure(log, r"EOS rate\s+([\d.]+)") >= 0.95
+    assert figure(log, r"KL\(policy \|\| reference\) ([\d.]+)") > 0
+    assert (cwd / "runs/toy/dpo/export/model.safetensors").exists()

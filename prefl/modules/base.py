@@ -84,10 +84,15 @@ class CausalLMModule(LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def on_train_start(self) -> None:
+        """Give a :class:`WarmupCosineLR` without ``total_steps`` the run's length."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+                scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
 
     def export(self, dirpath: str | Path) -> Path:
         """Write the model (LoRA merged) and tokenizer as a Hugging Face directory (safetensors).

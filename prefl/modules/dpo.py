@@ -16,9 +16,7 @@ Chosen and rejected go through the model in one forward, stacked on the batch di
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,8 +28,8 @@ from transformers import PreTrainedTokenizerBase
 
 from prefl.functional import next_token_targets, token_logps
 from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss_terms, implicit_rewards
-from prefl.models import CausalLMSpec, build_causal_lm, disable_dropout, is_lora
-from prefl.modules.base import CausalLMModule
+from prefl.models import CausalLMSpec, disable_dropout, is_lora
+from prefl.modules.reference import ReferenceModule
 from prefl.modules.schedules import WarmupCosineLR
 
 METRICS = (
@@ -45,14 +43,7 @@ METRICS = (
 )
 
 
-def _freeze(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-class DPOModule(CausalLMModule):
+class DPOModule(ReferenceModule):
     """Direct preference optimisation of a causal LM on ``pairs`` batches.
 
     Args:
@@ -142,21 +133,10 @@ class DPOModule(CausalLMModule):
         if self.model is not None:
             return
         super().configure_model()
-        disable_dropout(self.model)
-        if self.needs_reference and not is_lora(self.model):
-            self.reference = _freeze(copy.deepcopy(self.model))
-        if is_lora(self.model) and self.ref_sync_every is not None:
-            raise ValueError(
-                "model.ref_sync_every (TR-DPO) is not supported with LoRA: the "
-                "reference is the base model with adapters disabled"
-            )
-
-    def train(self, mode: bool = True) -> DPOModule:
-        """Switch train/eval mode; the reference always stays in eval mode."""
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
-        return self
+        if self.needs_reference:
+            self.build_reference()
+        else:
+            disable_dropout(self.model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Policy log-probs of a ``pairs`` batch: chosen and rejected in one forward.
@@ -181,19 +161,6 @@ class DPOModule(CausalLMModule):
             "chosen_lengths": lengths[:n],
             "rejected_lengths": lengths[n:],
         }
-
-    @contextlib.contextmanager
-    def reference_context(self) -> Iterator[torch.nn.Module]:
-        """Yield the reference model: the frozen copy, the LoRA policy with adapters disabled,
-        or (after precomputing) a fresh copy of the initial policy built from ``model``."""
-        if is_lora(self.model):
-            with self.model.disable_adapter():
-                yield self.model
-        elif self.reference is not None:
-            yield self.reference
-        else:
-            rebuilt = _freeze(build_causal_lm(self.model_spec, self.resolve_tokenizer()))
-            yield rebuilt.to(self.device)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,45 +255,18 @@ class DPOModule(CausalLMModule):
                 collate_fn=datamodule.collator,
             )
             chosen, rejected = [], []
-            for batch in loader:
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                c, r = self.reference_logps(batch)
-                chosen += c.float().cpu().tolist()
-                rejected += r.float().cpu().tolist()
+            with torch.random.fork_rng(devices=[]):  # leave the RNG (data order) as it was
+                for batch in loader:
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    c, r = self.reference_logps(batch)
+                    chosen += c.float().cpu().tolist()
+                    rejected += r.float().cpu().tolist()
             dataset = dataset.add_column("ref_chosen_logps", chosen)
             datamodule.datasets[split] = dataset.add_column("ref_rejected_logps", rejected)
             rank_zero_info(
                 f"prefl dpo: precomputed reference log-probs of {len(chosen)} {split} pairs"
             )
-        if "train" in stages and not is_lora(self.model):
+        if "train" in stages and not is_lora(self.model) and self._rebuildable():
             self.reference = None  # no longer needed: training reads the columns
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """TR-DPO: every ``ref_sync_every`` optimizer steps, ``ref = α·policy + (1-α)·ref``."""
-        every = self.ref_sync_every
-        if every is None or self.global_step == 0 or self.global_step % every:
-            return
-        if getattr(self, "_last_sync", -1) == self.global_step:
-            return  # gradient accumulation: several batches end on the same step
-        self._last_sync = self.global_step
-        alpha = self.ref_mixup_alpha
-        with torch.no_grad():
-            for ref, pol in zip(self.reference.parameters(), self.model.parameters(), strict=True):
-                ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the reference out of checkpoints (rebuilt from ``model`` on resume), unless
-        TR-DPO has moved it."""
-        if self.ref_sync_every is None:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("reference.")]:
-                del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fill the reference's weights in from the rebuilt reference, so loading stays strict."""
-        if self.reference is not None:
-            state = checkpoint["state_dict"]
-            for key, value in self.reference.state_dict().items():
-                state.setdefault(f"reference.{key}", value)

@@ -3,7 +3,9 @@
 :class:`WarmupCosineLR` is an ``LRSchedulerCallable``-compatible scheduler (it takes the
 optimizer first) whose total number of steps may be left unset: prefl's modules fill it in from
 ``trainer.estimated_stepping_batches`` when the optimizers are configured, so YAML configs never
-have to repeat the run length.
+have to repeat the run length. (It is filled in at ``on_train_start``, once the training data
+loader exists, so hooks that change the data before training, such as DPO's reference
+precompute, are counted.)
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fix the run length and re-apply the current step's learning rate."""
+        self.total_steps = int(total_steps)
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
         """Scheduler state without the (unpicklable) bound lambda."""
