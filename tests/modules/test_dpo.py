@@ -224,3 +224,18 @@ def test_dropout_is_disabled(tmp_path):
 def test_bad_settings_name_the_config_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DPOModule("unused", **kwargs)
+
+
+def test_sample_report_against_the_reference_at_start_is_zero(sft_dir, tmp_path):
+    from prefl import SampleReport
+
+    module = DPOModule(sft_dir)
+    module.tokenizer = load_tokenizer(sft_dir)
+    module.configure_model()
+    report = SampleReport(num_samples=1, max_new_tokens=8, compare_reference=True)
+    samples = report.sample(module.model, module.tokenizer)
+    report.results = report.report(samples)
+    figures = report.compare(module, samples)
+    assert figures["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+    assert figures["reward_gain"] == pytest.approx(0.0, abs=1e-9)  # same seed, same samples
+    assert figures["reference_eos_rate"] == report.results["eos_rate"]
