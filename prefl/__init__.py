@@ -17,6 +17,10 @@ _EXPORTS = {
     "HFExport": "prefl.callbacks",
     "LoraSpec": "prefl.models",
     "PreferenceDataModule": "prefl.data",
+    "RewardModel": "prefl.models",
+    "RewardModule": "prefl.modules",
+    "RewardReport": "prefl.callbacks",
+    "RewardWriter": "prefl.callbacks",
     "SFTModule": "prefl.modules",
     "SampleReport": "prefl.callbacks",
     "WarmupCosineLR": "prefl.modules",
@@ -24,6 +28,8 @@ _EXPORTS = {
     "load_tokenizer": "prefl.models",
     "masked_mean": "prefl.functional",
     "sequence_logps": "prefl.functional",
+    "bradley_terry_loss": "prefl.losses",
+    "dpo_loss": "prefl.losses",
 }
 __all__ = [
     "CausalLMSpec",
@@ -31,21 +37,28 @@ __all__ = [
     "HFExport",
     "LoraSpec",
     "PreferenceDataModule",
+    "RewardModel",
+    "RewardModule",
+    "RewardReport",
+    "RewardWriter",
     "SFTModule",
     "SampleReport",
     "WarmupCosineLR",
+    "bradley_terry_loss",
     "build_causal_lm",
+    "dpo_loss",
     "load_tokenizer",
     "masked_mean",
     "sequence_logps",
 ]
 
 if TYPE_CHECKING:
-    from prefl.callbacks import HFExport, SampleReport
+    from prefl.callbacks import HFExport, RewardReport, RewardWriter, SampleReport
     from prefl.data import PreferenceDataModule
     from prefl.functional import masked_mean, sequence_logps
-    from prefl.models import CausalLMSpec, LoraSpec, build_causal_lm, load_tokenizer
-    from prefl.modules import DPOModule, SFTModule, WarmupCosineLR
+    from prefl.losses import bradley_terry_loss, dpo_loss
+    from prefl.models import CausalLMSpec, LoraSpec, RewardModel, build_causal_lm, load_tokenizer
+    from prefl.modules import DPOModule, RewardModule, SFTModule, WarmupCosineLR
 
 
 def __getattr__(name: str) -> Any:

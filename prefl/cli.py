@@ -28,10 +28,16 @@ class PreflCLI(LightningCLI):
         )
 
 
-def main(
+def main(args: list[str] | None = None) -> None:
+    """The ``prefl`` command (``args`` default to ``sys.argv[1:]``); returns nothing, so the
+    console script exits with status 0 on success."""
+    build_cli(args)
+
+
+def build_cli(
     args: list[str] | None = None, run: bool = True, cli_class: type[PreflCLI] = PreflCLI
 ) -> PreflCLI:
-    """Run the ``prefl`` command (``args`` default to ``sys.argv[1:]``).
+    """Build (and by default run) the CLI.
 
     Args:
         args: Command-line arguments, e.g. ``["fit", "-c", "configs/toy/sft.yaml"]``.

@@ -1,7 +1,9 @@
 """The prefl CLI: every YAML under configs/ parses, links hold, --print_config round-trips, and
 `prefl fit -c configs/toy/sft.yaml` meets the SFT quality bar on the toy task."""
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefl.cli import PreflCLI, main
+from prefl.cli import PreflCLI, build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.joinpath("configs").rglob("*.yaml"))
@@ -24,18 +26,18 @@ class ParseOnly(PreflCLI):
 
 def test_configs_are_found_recursively():
     names = {p.relative_to(ROOT).as_posix() for p in CONFIGS}
-    assert {"configs/toy/sft.yaml", "configs/toy/dpo.yaml", "configs/examples/dpo_hh.yaml"} <= names
+    assert {"configs/toy/sft.yaml", "configs/toy/dpo.yaml", "configs/toy/reward.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_config_parses(path):
-    cli = main(["-c", str(path)], run=False, cli_class=ParseOnly)
+    cli = build_cli(["-c", str(path)], run=False, cli_class=ParseOnly)
     assert cli.config["model"]["class_path"].startswith("prefl.")
     assert cli.config["data"]["tokenizer"]
 
 
 def test_toy_config_instantiates_with_the_tokenizer_linked():
-    cli = main(["-c", str(ROOT / "configs/toy/sft.yaml")], run=False)
+    cli = build_cli(["-c", str(ROOT / "configs/toy/sft.yaml")], run=False)
     assert cli.model.tokenizer is cli.datamodule.tokenizer
     assert cli.datamodule.mode == "sft"
     assert type(cli.model).__name__ == "SFTModule"
@@ -43,19 +45,19 @@ def test_toy_config_instantiates_with_the_tokenizer_linked():
 
 def test_unknown_key_is_rejected_naming_it(capsys):
     with pytest.raises(SystemExit):
-        main(["-c", str(ROOT / "configs/toy/sft.yaml"), "--data.no_such_key", "1"], run=False)
+        build_cli(["-c", str(ROOT / "configs/toy/sft.yaml"), "--data.no_such_key", "1"], run=False)
     assert "no_such_key" in capsys.readouterr().err
 
 
 def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(ROOT / "configs/toy/sft.yaml"), "--print_config"])
+        build_cli(["fit", "-c", str(ROOT / "configs/toy/sft.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     first = tmp_path / "first.yaml"
     first.write_text(printed)
     with pytest.raises(SystemExit):
-        main(["fit", "-c", str(first), "--print_config"])
+        build_cli(["fit", "-c", str(first), "--print_config"])
     again = capsys.readouterr().out
     assert yaml.safe_load(again) == yaml.safe_load(printed)
     assert yaml.safe_load(printed)["model"]["init_args"]["model"]["config"] == "toy"
@@ -72,16 +74,17 @@ def test_python_dash_m_prefl_help():
     assert "--data.max_length" in out.stdout and "--model" in out.stdout
 
 
-def run_prefl(config: str, cwd: Path) -> str:
+def run_prefl(config: str, cwd: Path, *extra: str, subcommand: str = "fit") -> str:
+    """Run the installed ``prefl`` console script (``python -m prefl`` if it is not on PATH)."""
+    command = [shutil.which("prefl")] if shutil.which("prefl") else [sys.executable, "-m", "prefl"]
     out = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "prefl",
-            "fit",
+            *command,
+            subcommand,
             "-c",
             str(ROOT / config),
             "--trainer.enable_progress_bar=false",
+            *extra,
         ],
         cwd=cwd,
         capture_output=True,
@@ -125,3 +128,23 @@ def test_toy_dpo_run_from_the_sft_export(toy_runs):
     assert figure(log, r"EOS rate\s+([\d.]+)") >= 0.95
     assert figure(log, r"KL\(policy \|\| reference\) ([\d.]+)") > 0
     assert (cwd / "runs/toy/dpo/export/model.safetensors").exists()
+
+
+def test_toy_reward_run_and_predict(toy_runs):
+    """Reward model from the SFT export: held-out pair accuracy >= 0.90 and Spearman >= 0.8 with
+    the oracle, printed; the export carries reward statistics; `prefl predict` writes one JSON
+    line per test pair."""
+    cwd, _ = toy_runs
+    log = run_prefl("configs/toy/reward.yaml", cwd)
+    assert figure(log, r"held-out pair accuracy ([\d.]+)") >= 0.90
+    assert figure(log, r"Spearman ([-\d.]+) with the oracle") >= 0.8
+    export = cwd / "runs/toy/reward/export"
+    stats = json.loads((export / "reward_stats.json").read_text())
+    assert stats["count"] == 512 and stats["std"] > 0
+    run_prefl(
+        "configs/toy/reward.yaml", cwd, "--model.init_args.model", str(export), subcommand="predict"
+    )
+    rows = [json.loads(line) for line in (cwd / "runs/toy/reward/predictions.jsonl").open()]
+    assert [r["index"] for r in rows] == list(range(256))
+    accuracy = sum(r["chosen_reward"] > r["rejected_reward"] for r in rows) / len(rows)
+    assert accuracy >= 0.85  # the test split, scored by the exported model

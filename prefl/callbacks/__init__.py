@@ -1,6 +1,7 @@
-"""Callbacks the Trainer calls: Hugging Face export and sample-quality reports."""
+"""Callbacks the Trainer calls: Hugging Face export, sample-quality and reward reports."""
 
 from prefl.callbacks.export import HFExport
+from prefl.callbacks.rewards import RewardReport, RewardWriter
 from prefl.callbacks.samples import SampleReport, resolve_reward_fn
 
-__all__ = ["HFExport", "SampleReport", "resolve_reward_fn"]
+__all__ = ["HFExport", "RewardReport", "RewardWriter", "SampleReport", "resolve_reward_fn"]

@@ -1,13 +1,16 @@
 """Pure loss functions (torch only), one function per variant behind a name table."""
 
 from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss, dpo_loss_terms, implicit_rewards
+from prefl.losses.reward import bradley_terry_loss, reward_accuracy
 from prefl.losses.sft import sft_loss
 
 __all__ = [
     "DPO_LOSSES",
     "REFERENCE_FREE",
+    "bradley_terry_loss",
     "dpo_loss",
     "dpo_loss_terms",
     "implicit_rewards",
+    "reward_accuracy",
     "sft_loss",
 ]

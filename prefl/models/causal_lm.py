@@ -84,7 +84,7 @@ def _config_kwargs(config: dict[str, Any] | str) -> dict[str, Any]:
 def build_causal_lm(
     spec: CausalLMSpec | str, tokenizer: PreTrainedTokenizerBase
 ) -> PreTrainedModel | torch.nn.Module:
-    """Build the model described by ``spec``, made consistent with ``tokenizer``.
+    """Build the causal LM described by ``spec``, made consistent with ``tokenizer``.
 
     Args:
         spec: A :class:`CausalLMSpec`, or a string taken as ``CausalLMSpec(name_or_path=...)``.
@@ -93,6 +93,25 @@ def build_causal_lm(
     Returns:
         The model in train mode (LoRA-wrapped if ``spec.lora`` is set).
     """
+    return build_hf_model(spec, tokenizer, AutoModelForCausalLM)
+
+
+def build_hf_model(
+    spec: CausalLMSpec | str,
+    tokenizer: PreTrainedTokenizerBase,
+    auto_class: type = AutoModelForCausalLM,
+    lora_task: str = "CAUSAL_LM",
+    **config_kwargs: Any,
+) -> PreTrainedModel | torch.nn.Module:
+    """Build ``spec`` with a Hugging Face auto class (causal LM, sequence classifier, ...).
+
+    Args:
+        spec: What to load or build (a string is a name or path).
+        tokenizer: The run's tokenizer; vocabulary and special-token ids follow it.
+        auto_class: ``AutoModelForCausalLM`` or ``AutoModelForSequenceClassification``.
+        lora_task: ``peft`` task type of the LoRA wrapper (``CAUSAL_LM`` or ``SEQ_CLS``).
+        **config_kwargs: Extra config values (e.g. ``num_labels=1``).
+    """
     if isinstance(spec, str):
         spec = CausalLMSpec(name_or_path=spec)
     dtype = _resolve_dtype(spec.dtype)
@@ -100,19 +119,21 @@ def build_causal_lm(
     if spec.attn_implementation is not None:
         common["attn_implementation"] = spec.attn_implementation
     if spec.name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype, **common)
+        model = auto_class.from_pretrained(
+            spec.name_or_path, dtype=dtype, **config_kwargs, **common
+        )
         model.train()  # from_pretrained returns eval mode; Lightning does not switch it back
     else:
-        kwargs = _config_kwargs(spec.config)
+        kwargs = {**_config_kwargs(spec.config), **config_kwargs}
         model_type = kwargs.pop("model_type")
         config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **kwargs)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **common)
+        model = auto_class.from_config(config, dtype=dtype or torch.float32, **common)
     align_with_tokenizer(model, tokenizer)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if spec.lora is not None:
-        model = apply_lora(model, spec.lora)
+        model = apply_lora(model, spec.lora, task_type=lora_task)
     return model
 
 

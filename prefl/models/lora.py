@@ -41,12 +41,16 @@ def _peft():
     return peft
 
 
-def apply_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
+def apply_lora(
+    model: torch.nn.Module, spec: LoraSpec, task_type: str = "CAUSAL_LM"
+) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters; only the adapters (and ``modules_to_save``) train.
 
     Args:
         model: A Hugging Face causal LM.
         spec: The adapter settings.
+        task_type: ``peft.TaskType`` name: ``CAUSAL_LM``, or ``SEQ_CLS`` for a reward model
+            (whose scalar head ``peft`` then trains in full and saves with the adapters).
 
     Returns:
         The ``peft.PeftModel`` wrapping ``model``.
@@ -58,7 +62,7 @@ def apply_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
         lora_dropout=spec.dropout,
         target_modules=spec.target_modules,
         modules_to_save=spec.modules_to_save,
-        task_type=peft.TaskType.CAUSAL_LM,
+        task_type=getattr(peft.TaskType, task_type),
     )
     return peft.get_peft_model(model, config)
 

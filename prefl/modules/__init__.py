@@ -2,7 +2,8 @@
 
 from prefl.modules.base import CausalLMModule
 from prefl.modules.dpo import DPOModule
+from prefl.modules.reward import RewardModule
 from prefl.modules.schedules import WarmupCosineLR
 from prefl.modules.sft import SFTModule
 
-__all__ = ["CausalLMModule", "DPOModule", "SFTModule", "WarmupCosineLR"]
+__all__ = ["CausalLMModule", "DPOModule", "RewardModule", "SFTModule", "WarmupCosineLR"]

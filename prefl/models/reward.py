@@ -1,0 +1,157 @@
+"""The reward model: a causal-LM backbone with a scalar head, read at the last real token.
+
+:func:`build_reward_model` loads the backbone through ``AutoModelForSequenceClassification`` with
+one label, so a causal-LM checkpoint (e.g. the SFT export) gets a fresh scalar head initialised
+``N(0, 1/sqrt(d+1))``, and a reward-model checkpoint (a sequence classifier with one label) keeps
+its trained head. :class:`RewardModel` wraps it: ``forward`` gives one reward per sequence, read at
+the last real token whatever the padding side (position ids follow the attention mask, so left
+padding does not shift positions); ``score(prompts, completions)`` is the batch API for users;
+``save_pretrained`` / ``from_pretrained`` write and read a directory that
+``AutoModelForSequenceClassification.from_pretrained`` also loads, plus the reward statistics
+(``reward_stats.json``: mean and std on validation pairs) that PPO uses to normalise rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from prefl.models.causal_lm import CausalLMSpec, build_hf_model
+from prefl.models.lora import is_lora, merge_lora
+from prefl.models.tokenizers import load_tokenizer
+
+STATS_FILE = "reward_stats.json"
+
+
+def _is_reward_checkpoint(name_or_path: str, trust_remote_code: bool) -> bool:
+    """Whether the checkpoint already is a one-label sequence classifier (a trained head)."""
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    archs = config.architectures or []
+    return any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == 1
+
+
+def reward_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The scalar head of a Hugging Face sequence classifier (``score`` or ``classifier``)."""
+    base = model.get_base_model() if is_lora(model) else model
+    for name in ("score", "classifier"):
+        head = getattr(base, name, None)
+        head = getattr(head, "modules_to_save", {}).get("default", head)  # peft's trained copy
+        if isinstance(head, torch.nn.Linear):
+            return head
+    raise ValueError(f"{type(base).__name__} has no linear `score` or `classifier` head")
+
+
+def build_reward_model(
+    spec: CausalLMSpec | str, tokenizer: PreTrainedTokenizerBase
+) -> torch.nn.Module:
+    """A one-label ``AutoModelForSequenceClassification`` for ``spec`` (LoRA: head trainable).
+
+    A new head (from a causal-LM checkpoint or a random-init config) is initialised
+    ``N(0, 1/sqrt(d+1))`` with ``d`` the hidden size; a reward checkpoint keeps its head.
+    """
+    spec = CausalLMSpec(name_or_path=spec) if isinstance(spec, str) else spec
+    trained = spec.name_or_path is not None and _is_reward_checkpoint(
+        spec.name_or_path, spec.trust_remote_code
+    )
+    model = build_hf_model(
+        spec, tokenizer, AutoModelForSequenceClassification, lora_task="SEQ_CLS", num_labels=1
+    )
+    if not trained:
+        head = reward_head(model)
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
+            if head.bias is not None:
+                head.bias.zero_()
+    return model
+
+
+class RewardModel(torch.nn.Module):
+    """A sequence classifier with one label, used as ``r(prompt, completion)``.
+
+    Args:
+        model: The one-label ``AutoModelForSequenceClassification`` (possibly LoRA-wrapped).
+        tokenizer: Its tokenizer (PAD distinct from EOS).
+        stats: ``{"mean", "std"}`` of rewards on validation pairs, if known.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        stats: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.stats = model, tokenizer, stats
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's config."""
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards ``(B,)`` of ``input_ids`` ``(B, T)``, padded left or right (mask 1 = real)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )
+        return out.logits[:, 0].float()
+
+    @torch.no_grad()
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32
+    ) -> list[float]:
+        """Rewards of (prompt, completion) texts, tokenized as the data module does (prompt with
+        BOS, completion ending in EOS), in the order given."""
+        from prefl.data.collate import pad
+        from prefl.data.tokenize import encode_completions, encode_prompts
+
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        out: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            p = encode_prompts(self.tokenizer, list(prompts[start : start + batch_size]), False)
+            c = encode_completions(
+                self.tokenizer, list(completions[start : start + batch_size]), False
+            )
+            seqs = [a + b for a, b in zip(p, c, strict=True)]
+            length = max(len(s) for s in seqs)
+            ids = pad(seqs, self.tokenizer.pad_token_id, length).to(device)
+            mask = pad([[1] * len(s) for s in seqs], 0, length).to(device)
+            out += self(ids, mask).cpu().tolist()
+        self.train(was_training)
+        return out
+
+    def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``(r - mean) / std`` with the stored statistics (unchanged when there are none)."""
+        if not self.stats:
+            return rewards
+        return (rewards - self.stats["mean"]) / max(self.stats["std"], 1e-8)
+
+    def save_pretrained(self, dirpath: str | Path) -> Path:
+        """Write the classifier (LoRA merged, safetensors), tokenizer and reward statistics."""
+        out = Path(dirpath)
+        out.mkdir(parents=True, exist_ok=True)
+        merge_lora(self.model).save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        if self.stats is not None:
+            (out / STATS_FILE).write_text(json.dumps(self.stats, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, dirpath: str | Path, **spec: Any) -> RewardModel:
+        """Load a directory written by :meth:`save_pretrained` (or any one-label reward
+        checkpoint); ``spec`` takes extra :class:`CausalLMSpec` fields (``dtype``, ...)."""
+        tokenizer = load_tokenizer(
+            str(dirpath), trust_remote_code=spec.get("trust_remote_code", False)
+        )
+        model = build_reward_model(CausalLMSpec(name_or_path=str(dirpath), **spec), tokenizer)
+        stats_path = Path(dirpath) / STATS_FILE
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        return cls(model.eval(), tokenizer, stats)

@@ -1,0 +1,180 @@
+"""RewardModule: the Bradley–Terry reward model, trained on preference pairs.
+
+The backbone (typically the SFT export) gets a scalar head; chosen and rejected go through it in
+one forward, and the loss asks ``r(prompt, chosen) > r(prompt, rejected)``
+(:func:`prefl.losses.bradley_terry_loss`, with the data's optional ``margin`` column and
+``center_rewards_coefficient``). Metrics (torchmetrics, correct across batches and ranks), as
+``train/…`` and ``val/…``: ``loss``, ``accuracy`` (strict ``>``), ``margin`` (mean ``r_c - r_r``),
+``reward_mean`` and ``reward_std`` (over chosen and rejected). When training ends, the reward mean
+and std on the validation pairs are computed and exported with the model (``reward_stats.json``)
+so that PPO can normalise rewards. ``predict`` returns per-row rewards (see
+:class:`prefl.callbacks.RewardWriter`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
+
+from prefl.losses import bradley_terry_loss, reward_accuracy
+from prefl.models import CausalLMSpec
+from prefl.models.reward import RewardModel, build_reward_model
+from prefl.modules.base import CausalLMModule
+from prefl.modules.schedules import WarmupCosineLR
+
+_STATS = ("loss", "accuracy", "margin", "reward", "reward_sq")
+
+
+class RewardModule(CausalLMModule):
+    """Bradley–Terry reward model on ``pairs`` batches.
+
+    Args:
+        model: The backbone: a :class:`~prefl.models.CausalLMSpec` or a hub id / local path (a
+            causal-LM checkpoint such as the SFT export gets a new scalar head; a one-label
+            sequence-classifier checkpoint keeps its head). With ``lora``, the head is trained
+            in full next to the adapters.
+        tokenizer: The tokenizer; None = the data module's (the CLI links them).
+        center_rewards_coefficient: λ of the reward-centering term ``λ·mean((r_c + r_r)²)``.
+        optimizer: Builds the optimizer from the trainable parameters.
+        lr_scheduler: Builds the scheduler; default linear warmup (10%) then cosine decay.
+    """
+
+    def __init__(
+        self,
+        model: CausalLMSpec | str,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        center_rewards_coefficient: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
+    ) -> None:
+        super().__init__(model, tokenizer, optimizer, lr_scheduler)
+        self.center_rewards_coefficient = center_rewards_coefficient
+        self.reward_stats: dict[str, float] | None = None
+        self.metrics = torch.nn.ModuleDict(
+            {f"{stage}_{name}": MeanMetric() for stage in ("train", "val") for name in _STATS}
+        )
+
+    def configure_model(self) -> None:
+        """Build the reward model (backbone + scalar head) once."""
+        if self.model is None:
+            tokenizer = self.resolve_tokenizer()
+            self.model = RewardModel(build_reward_model(self.model_spec, tokenizer), tokenizer)
+            self._check_lengths()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards ``(B,)`` of the chosen and the rejected completions, in one forward."""
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        rewards = self.model(ids, mask)
+        n = batch["chosen_input_ids"].shape[0]
+        return rewards[:n], rewards[n:]
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        chosen, rejected = self(batch)
+        losses = bradley_terry_loss(
+            chosen, rejected, batch.get("margin"), self.center_rewards_coefficient
+        )
+        loss = losses.mean()
+        both = torch.cat([chosen, rejected]).detach()
+        values = {
+            "loss": losses.detach(),
+            "accuracy": reward_accuracy(chosen, rejected),
+            "margin": (chosen - rejected).detach(),
+            "reward": both,
+            "reward_sq": both**2,
+        }
+        for name, value in values.items():
+            self.metrics[f"{stage}_{name}"].update(value)
+        return loss
+
+    def _log_epoch(self, stage: str) -> dict[str, float]:
+        m = {name: self.metrics[f"{stage}_{name}"].compute() for name in _STATS}
+        std = torch.sqrt((m["reward_sq"] - m["reward"] ** 2).clamp(min=0))
+        out = {
+            "loss": m["loss"],
+            "accuracy": m["accuracy"],
+            "margin": m["margin"],
+            "reward_mean": m["reward"],
+            "reward_std": std,
+        }
+        self.log_dict({f"{stage}/{k}": v for k, v in out.items()}, prog_bar=stage == "val")
+        for name in _STATS:
+            self.metrics[f"{stage}_{name}"].reset()
+        return {k: float(v) for k, v in out.items()}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The Bradley–Terry loss of one batch."""
+        loss = self._step(batch, "train")
+        self.log("train/loss_step", loss, prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's training metrics."""
+        self._log_epoch("train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate validation metrics."""
+        self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation metrics."""
+        self._log_epoch("val")
+
+    @torch.no_grad()
+    def compute_reward_stats(self, loader: Any) -> dict[str, float]:
+        """Mean and std of the rewards of every chosen and rejected completion in ``loader``."""
+        was_training = self.model.training
+        self.model.eval()
+        total = total_sq = count = 0.0
+        for batch in loader:
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            rewards = torch.cat(self(batch)).double()
+            total += rewards.sum().item()
+            total_sq += (rewards**2).sum().item()
+            count += rewards.numel()
+        self.model.train(was_training)
+        mean = total / count
+        return {
+            "mean": mean,
+            "std": math.sqrt(max(total_sq / count - mean**2, 0.0)),
+            "count": int(count),
+        }
+
+    def on_train_end(self) -> None:
+        """Compute the reward statistics on the validation pairs (exported with the model)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        loader = datamodule.val_dataloader() if datamodule is not None else []
+        if not loader:
+            rank_zero_warn(
+                "RewardModule: no validation split, so no reward statistics are "
+                "exported; PPO will not normalise rewards"
+            )
+            return
+        self.reward_stats = self.compute_reward_stats(loader)
+        s = self.reward_stats
+        rank_zero_info(
+            f"prefl reward: validation rewards mean {s['mean']:+.4f}, std "
+            f"{s['std']:.4f} over {s['count']} completions"
+        )
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, list]:
+        """Per-row rewards: ``chosen_reward`` / ``rejected_reward`` for ``pairs`` batches,
+        ``reward`` for ``sft`` batches (prompt + completion)."""
+        if "chosen_input_ids" in batch:
+            chosen, rejected = self(batch)
+            return {"chosen_reward": chosen.tolist(), "rejected_reward": rejected.tolist()}
+        return {"reward": self.model(batch["input_ids"], batch["attention_mask"]).tolist()}
+
+    def export(self, dirpath: str | Path) -> Path:
+        """Write the reward model (LoRA merged), tokenizer and ``reward_stats.json``."""
+        if self.model is None:
+            raise ValueError("export: the model is not built yet (call configure_model first)")
+        self.model.stats = self.reward_stats
+        return self.model.save_pretrained(dirpath)
