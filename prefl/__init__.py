@@ -16,6 +16,7 @@ _EXPORTS = {
     "DPOModule": "prefl.modules",
     "HFExport": "prefl.callbacks",
     "LoraSpec": "prefl.models",
+    "PPOModule": "prefl.modules",
     "PreferenceDataModule": "prefl.data",
     "RewardModel": "prefl.models",
     "RewardModule": "prefl.modules",
@@ -36,6 +37,7 @@ __all__ = [
     "DPOModule",
     "HFExport",
     "LoraSpec",
+    "PPOModule",
     "PreferenceDataModule",
     "RewardModel",
     "RewardModule",
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
     from prefl.functional import masked_mean, sequence_logps
     from prefl.losses import bradley_terry_loss, dpo_loss
     from prefl.models import CausalLMSpec, LoraSpec, RewardModel, build_causal_lm, load_tokenizer
-    from prefl.modules import DPOModule, RewardModule, SFTModule, WarmupCosineLR
+    from prefl.modules import DPOModule, PPOModule, RewardModule, SFTModule, WarmupCosineLR
 
 
 def __getattr__(name: str) -> Any:

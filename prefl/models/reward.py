@@ -41,7 +41,9 @@ def reward_head(model: torch.nn.Module) -> torch.nn.Linear:
     base = model.get_base_model() if is_lora(model) else model
     for name in ("score", "classifier"):
         head = getattr(base, name, None)
-        head = getattr(head, "modules_to_save", {}).get("default", head)  # peft's trained copy
+        saved = getattr(head, "modules_to_save", None)  # peft's trained copy (a ModuleDict)
+        if saved is not None and "default" in saved:
+            head = saved["default"]
         if isinstance(head, torch.nn.Linear):
             return head
     raise ValueError(f"{type(base).__name__} has no linear `score` or `classifier` head")
@@ -154,4 +156,4 @@ class RewardModel(torch.nn.Module):
         model = build_reward_model(CausalLMSpec(name_or_path=str(dirpath), **spec), tokenizer)
         stats_path = Path(dirpath) / STATS_FILE
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
-        return cls(model.eval(), tokenizer, stats)
+        return cls(model, tokenizer, stats).eval()

@@ -2,8 +2,16 @@
 
 from prefl.modules.base import CausalLMModule
 from prefl.modules.dpo import DPOModule
+from prefl.modules.ppo import PPOModule
 from prefl.modules.reward import RewardModule
 from prefl.modules.schedules import WarmupCosineLR
 from prefl.modules.sft import SFTModule
 
-__all__ = ["CausalLMModule", "DPOModule", "RewardModule", "SFTModule", "WarmupCosineLR"]
+__all__ = [
+    "CausalLMModule",
+    "DPOModule",
+    "PPOModule",
+    "RewardModule",
+    "SFTModule",
+    "WarmupCosineLR",
+]

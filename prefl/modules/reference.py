@@ -84,22 +84,28 @@ class ReferenceModule(CausalLMModule):
             for ref, pol in zip(self.reference.parameters(), self.model.parameters(), strict=True):
                 ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the reference out of checkpoints (rebuilt from ``model`` on resume), unless
-        TR-DPO has moved it or ``model`` is a random-init config that cannot rebuild it."""
-        if self.ref_sync_every is None and self._rebuildable():
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("reference.")]:
-                del state[key]
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """Frozen submodules that checkpoints leave out because resume rebuilds them: the
+        reference, unless TR-DPO moved it or ``model`` is a random-init config."""
+        if self.reference is None or self.ref_sync_every is not None or not self._rebuildable():
+            return {}
+        return {"reference": self.reference}
 
     def _rebuildable(self) -> bool:
         """Whether ``model`` names saved weights (a random-init config cannot rebuild them)."""
         spec = self.model_spec
         return isinstance(spec, str) or spec.name_or_path is not None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the :meth:`frozen_modules` out of the checkpoint's state dict."""
+        state = checkpoint["state_dict"]
+        for name in self.frozen_modules():
+            for key in [k for k in state if k.startswith(f"{name}.")]:
+                del state[key]
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fill the reference's weights in from the rebuilt reference, so loading stays strict."""
-        if self.reference is not None:
-            state = checkpoint["state_dict"]
-            for key, value in self.reference.state_dict().items():
-                state.setdefault(f"reference.{key}", value)
+        """Fill the frozen modules' weights in from the rebuilt ones, so loading stays strict."""
+        state = checkpoint["state_dict"]
+        for name, module in self.frozen_modules().items():
+            for key, value in module.state_dict().items():
+                state.setdefault(f"{name}.{key}", value)

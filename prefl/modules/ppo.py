@@ -1,0 +1,399 @@
+"""PPOModule: RLHF with PPO (clipped policy and value losses, KL to the SFT model), and the
+critic-free estimators RLOO, GRPO and REINFORCE++-baseline, under manual optimisation.
+
+One ``training_step`` is one rollout and its update, written out (design §5.10): sample ``k``
+responses per prompt (:mod:`prefl.rollout`), score them (:class:`~prefl.modules.scoring.Scorer`),
+compute per-token KL and rewards, advantages (GAE with the critic, or a critic-free estimator over
+each prompt's group), then ``ppo_epochs`` passes of shuffled minibatches, each split into
+micro-batches whose gradients accumulate into one clipped optimizer step. Loss token means are
+taken over the whole minibatch across all ranks, so they do not depend on micro-batching or on
+data-parallel sharding (§5.8). Per rollout the policy optimizer steps exactly
+``ppo_epochs × ceil(N / mini_batch_size)`` times (``N`` = prompts × ``num_samples``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from transformers import PreTrainedTokenizerBase
+
+from prefl.callbacks.samples import resolve_reward_fn
+from prefl.functional import explained_variance, gae, kl_penalty, masked_mean, whiten
+from prefl.losses.advantages import ADVANTAGE_ESTIMATORS
+from prefl.losses.ppo import clipped_policy_loss, clipped_value_loss
+from prefl.models import CausalLMSpec, disable_dropout
+from prefl.models.reward import RewardModel
+from prefl.models.value import build_value_model
+from prefl.modules.kl_control import KLController
+from prefl.modules.reference import ReferenceModule
+from prefl.modules.scoring import Scorer
+from prefl.rollout import (
+    Responses,
+    response_logprobs,
+    response_values,
+    sample_responses,
+    token_rewards,
+)
+
+Estimator = Literal["gae", "rloo", "grpo", "reinforce_baseline"]
+
+
+class PPOModule(ReferenceModule):
+    """PPO (or RLOO / GRPO / REINFORCE++-baseline) on ``prompts`` batches.
+
+    Args:
+        model: The policy: a :class:`~prefl.models.CausalLMSpec` or a hub id / local path (e.g.
+            the SFT export). The reference is a frozen copy (LoRA: adapters disabled).
+        tokenizer: The tokenizer; None = the data module's (the CLI links them).
+        reward_model: Path of a reward-model export (frozen; normalised with its stored stats).
+        reward_fns: Reward functions, ``"toy"`` (the toy oracle) or ``"package.module:function"``
+            with ``fn(prompts, completions) -> list[float]``.
+        reward_weights: One weight per reward source: the reward model first, then the
+            functions; None = all 1.
+        value_model: Where the critic (GAE only) starts: a reward-model export or checkpoint
+            path; None = ``reward_model`` if set, else the policy's source with a new head.
+        advantage_estimator: ``gae`` (with the critic), ``rloo``, ``grpo`` or
+            ``reinforce_baseline`` (critic-free, over the ``num_samples`` responses of a prompt).
+        num_samples: Responses sampled per prompt (``k``; ≥ 2 for ``rloo`` and ``grpo``).
+        temperature: Sampling temperature; every log-prob divides the logits by it.
+        max_new_tokens: Most tokens per response.
+        kl_coef: Initial KL coefficient β.
+        kl_penalty: ``reward`` (β·k1 per token in the reward) or ``loss`` (β·k3 per token added to
+            the policy loss).
+        kl_target: Target sequence KL for the adaptive controller; None = fixed β.
+        kl_horizon: Horizon (in responses) of the adaptive controller.
+        normalize_reward: Normalise the reward model's score with its stored mean/std.
+        reward_clip: Clip scores to ``[-reward_clip, reward_clip]``; None = no clipping.
+        no_eos_score: Score of responses that never emit EOS; None = no penalty.
+        gamma: GAE discount γ.
+        lam: GAE λ.
+        whiten_advantages: Whiten advantages over the valid tokens of the rollout.
+        ppo_epochs: Passes over each rollout.
+        mini_batch_size: Responses per optimizer step; None = the whole rollout.
+        micro_batch_size: Responses per forward/backward inside a minibatch (gradient
+            accumulation); None = the whole minibatch.
+        clip_eps: PPO's policy ratio clip ε.
+        value_clip_eps: Value clip ε.
+        vf_coef: Weight of the value loss.
+        max_grad_norm: Gradient-norm clip of each optimizer step; None = no clipping.
+        optimizer: Builds the policy optimizer.
+        value_optimizer: Builds the critic optimizer (its own learning rate).
+        log_samples_every: Log a table of sample prompts/responses/scores to TensorBoard every
+            this many rollouts; 0 = never.
+        seed: Sampling seed; rollouts use (seed, epoch, batch, rank), so ranks differ and a
+            resumed run samples what the uninterrupted one would have.
+    """
+
+    def __init__(
+        self,
+        model: CausalLMSpec | str,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        reward_model: str | None = None,
+        reward_fns: list[str] | None = None,
+        reward_weights: list[float] | None = None,
+        value_model: str | None = None,
+        advantage_estimator: Estimator = "gae",
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 64,
+        kl_coef: float = 0.05,
+        kl_penalty: Literal["reward", "loss"] = "reward",
+        kl_target: float | None = None,
+        kl_horizon: int = 10000,
+        normalize_reward: bool = True,
+        reward_clip: float | None = None,
+        no_eos_score: float | None = -1.0,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        ppo_epochs: int = 4,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        clip_eps: float = 0.2,
+        value_clip_eps: float = 0.2,
+        vf_coef: float = 0.1,
+        max_grad_norm: float | None = 1.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        value_optimizer: OptimizerCallable = torch.optim.AdamW,
+        log_samples_every: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, tokenizer, optimizer, None)
+        if advantage_estimator != "gae" and advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"model.advantage_estimator={advantage_estimator!r}; expected gae "
+                f"or one of {sorted(ADVANTAGE_ESTIMATORS)}"
+            )
+        if advantage_estimator in ("rloo", "grpo") and num_samples < 2:
+            raise ValueError(f"model.num_samples must be >= 2 for {advantage_estimator}")
+        self.automatic_optimization = False
+        self.reference = None
+        self.cfg = {
+            k: v
+            for k, v in locals().items()
+            if k not in ("self", "__class__", "model", "tokenizer", "optimizer", "value_optimizer")
+        }
+        self.value_optimizer_factory = value_optimizer
+        self.kl_ctl = KLController(kl_coef, kl_target, kl_horizon)
+        self.scorer: Scorer | None = None
+        self.value_model: torch.nn.Module | None = None
+        self.update_steps = 0
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the advantage estimator is GAE (with the value model)."""
+        return self.cfg["advantage_estimator"] == "gae"
+
+    def configure_model(self) -> None:
+        """Build policy, reference, reward model(s) and, for GAE, the value model."""
+        if self.model is not None:
+            return
+        super().configure_model()
+        self.build_reference()
+        tokenizer, cfg = self.resolve_tokenizer(), self.cfg
+        reward_model = None
+        if cfg["reward_model"] is not None:
+            reward_model = RewardModel.from_pretrained(cfg["reward_model"])
+            for p in reward_model.parameters():
+                p.requires_grad_(False)
+            disable_dropout(reward_model)
+        fns = [resolve_reward_fn(name) for name in cfg["reward_fns"] or []]
+        weights = cfg["reward_weights"] or [1.0] * (len(fns) + (reward_model is not None))
+        same = reward_model is None or reward_model.tokenizer.get_vocab() == tokenizer.get_vocab()
+        self.scorer = Scorer(
+            reward_model,
+            fns,
+            weights,
+            cfg["normalize_reward"],
+            cfg["no_eos_score"],
+            cfg["reward_clip"],
+            same,
+        )
+        if self.uses_critic:
+            source = cfg["value_model"] or cfg["reward_model"] or self.model_spec
+            self.value_model = build_value_model(source, tokenizer)
+            disable_dropout(self.value_model)
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """The reference and the reward model stay out of checkpoints (rebuilt from paths)."""
+        frozen = super().frozen_modules()
+        if self.scorer is not None and self.scorer.reward_model is not None:
+            frozen["scorer.reward_model"] = self.scorer.reward_model
+        return frozen
+
+    def configure_optimizers(self) -> Any:
+        """The policy optimizer and, for GAE, the value optimizer (its own learning rate)."""
+        policy = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        if not self.uses_critic:
+            return policy
+        return [policy, self.value_optimizer_factory(list(self.value_model.parameters()))]
+
+    def forward(self, responses: Responses) -> torch.Tensor:
+        """Policy log-probs ``(N, R)`` of the responses (logits divided by the temperature)."""
+        return response_logprobs(self.model, responses, self.cfg["temperature"])[0]
+
+    def rollout_seed(self, batch_idx: int) -> int:
+        """Sampling seed of this rollout: a function of (seed, epoch, batch, rank)."""
+        key = (self.cfg["seed"] * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx
+        return (key * 1009 + self.global_rank) % (2**63)
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Any], seed: int) -> dict[str, Any]:
+        """Sample, score and compute advantages for one batch of prompts (no gradients)."""
+        cfg, tok = self.cfg, self.resolve_tokenizer()
+        k, temperature = cfg["num_samples"], cfg["temperature"]
+        responses = sample_responses(
+            self.model,
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            k=k,
+            temperature=temperature,
+            max_new_tokens=cfg["max_new_tokens"],
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            seed=seed,
+        )
+        mask = responses.response_mask.float()
+        logprobs, _ = response_logprobs(self.model, responses, temperature)
+        with self.reference_context() as reference:
+            ref_logprobs, _ = response_logprobs(reference, responses, temperature)
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        completions = tok.batch_decode(responses.response_ids, skip_special_tokens=True)
+        scores = self.scorer(responses, prompts, completions)
+        kl = (logprobs - ref_logprobs) * mask  # k1 per token: the sequence KL estimate
+        beta = self.kl_ctl.value
+        in_reward = cfg["kl_penalty"] == "reward"
+        rewards = token_rewards(scores["score"], kl, mask, beta if in_reward else 0.0)
+        values = returns = None
+        if self.uses_critic:
+            values = response_values(self.value_model, responses)
+            advantages, returns = gae(rewards, values, mask, cfg["gamma"], cfg["lam"])
+        else:
+            estimator = ADVANTAGE_ESTIMATORS[cfg["advantage_estimator"]]
+            advantages = estimator(rewards.sum(-1), k)[:, None] * mask
+        if cfg["whiten_advantages"]:
+            advantages = whiten(advantages, mask)
+        return {
+            "responses": responses,
+            "mask": mask,
+            "logprobs": logprobs,
+            "ref_logprobs": ref_logprobs,
+            "values": values,
+            "returns": returns,
+            "advantages": advantages,
+            "rewards": rewards,
+            "kl": kl,
+            "scores": scores,
+            "prompts": prompts,
+            "completions": completions,
+        }
+
+    def _token_norm(self, mask: torch.Tensor) -> torch.Tensor:
+        """Normaliser making each rank's loss sum a share of the global token mean (DDP averages
+        gradients over ranks, hence the world-size factor)."""
+        total = self.trainer.strategy.reduce(mask.sum().detach(), reduce_op="sum")
+        return (total / self.trainer.world_size).clamp(min=1.0)
+
+    def _micro_step(self, r: dict[str, Any], idx: torch.Tensor, norm: torch.Tensor) -> dict:
+        cfg, sel = self.cfg, r["responses"].select(idx)
+        mask = r["mask"][idx]
+        logprobs, entropy = response_logprobs(self.model, sel, cfg["temperature"], True)
+        pg_loss, clip_frac, approx_kl = clipped_policy_loss(
+            logprobs, r["logprobs"][idx], r["advantages"][idx], mask, cfg["clip_eps"], norm
+        )
+        loss = pg_loss
+        if cfg["kl_penalty"] == "loss":
+            k3 = kl_penalty(logprobs, r["ref_logprobs"][idx], "k3")
+            loss = loss + self.kl_ctl.value * (k3 * mask).sum() / norm
+        self.manual_backward(loss)
+        share = mask.sum() / norm  # summed over micro-batches and averaged over ranks: token mean
+        out = {
+            "policy_loss": pg_loss.detach(),
+            "clip_frac": clip_frac * share,
+            "approx_kl": approx_kl * share,
+            "entropy": (entropy * mask).sum() / norm,
+        }
+        if self.uses_critic:
+            values = response_values(self.value_model, sel)
+            vf_loss, v_clip = clipped_value_loss(
+                values, r["values"][idx], r["returns"][idx], mask, cfg["value_clip_eps"], norm
+            )
+            self.manual_backward(cfg["vf_coef"] * vf_loss)
+            out.update(value_loss=vf_loss.detach(), value_clip_frac=v_clip * share)
+        return out
+
+    def _optimizer_step(self, optimizer: Any) -> None:
+        if self.cfg["max_grad_norm"] is not None:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.cfg["max_grad_norm"],
+                gradient_clip_algorithm="norm",
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def ppo_update(self, r: dict[str, Any], seed: int) -> dict[str, float]:
+        """``ppo_epochs`` passes of shuffled minibatches over rollout ``r``; returns the mean of
+        each statistic over the minibatches (each already a minibatch token mean)."""
+        cfg = self.cfg
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        n = r["mask"].shape[0]
+        mb = cfg["mini_batch_size"] or n
+        micro = cfg["micro_batch_size"] or mb
+        generator = torch.Generator().manual_seed(seed)
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg["ppo_epochs"]):
+            order = torch.randperm(n, generator=generator).to(r["mask"].device)
+            for start in range(0, n, mb):
+                minibatch = order[start : start + mb]
+                norm = self._token_norm(r["mask"][minibatch])
+                stats: dict[str, torch.Tensor] = {}
+                for m_start in range(0, len(minibatch), micro):
+                    part = self._micro_step(r, minibatch[m_start : m_start + micro], norm)
+                    for key, value in part.items():
+                        stats[key] = stats.get(key, 0.0) + value
+                for optimizer in optimizers:
+                    self._optimizer_step(optimizer)
+                self.update_steps += 1
+                count += 1
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+        return {key: value / count for key, value in totals.items()}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One rollout and its PPO update; logs design §5.12's quantities."""
+        seed = self.rollout_seed(batch_idx)
+        r = self.rollout(batch, seed)
+        stats = self.ppo_update(r, seed)
+        mask, n = r["mask"], r["mask"].shape[0]
+        sequence_kl = r["kl"].sum(-1)
+        scores = r["scores"]
+        metrics = {
+            "ppo/score": scores["score"].mean(),
+            "ppo/score_raw": scores["raw"].mean(),
+            "ppo/reward": r["rewards"].sum(-1).mean(),
+            "ppo/kl": sequence_kl.mean(),
+            "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
+            "ppo/response_length": mask.sum(-1).mean(),
+            "ppo/eos_rate": r["responses"].ended.float().mean(),
+            "ppo/advantage_mean": masked_mean(r["advantages"], mask),
+            **{f"ppo/score_{k}": v.mean() for k, v in scores.items() if k not in ("score", "raw")},
+            **{f"ppo/{k}": torch.tensor(v) for k, v in stats.items()},
+        }
+        if self.uses_critic:
+            metrics["ppo/value_mean"] = masked_mean(r["values"], mask)
+            metrics["ppo/explained_variance"] = explained_variance(r["values"], r["returns"], mask)
+        self.log_dict(
+            {k: v.float() for k, v in metrics.items()},
+            on_step=True,
+            on_epoch=False,
+            sync_dist=True,
+            batch_size=n,
+            prog_bar=False,
+        )
+        self.log(
+            "ppo/score_step", scores["score"].mean(), prog_bar=True, batch_size=n, sync_dist=True
+        )
+        self.kl_ctl.update(float(self.all_gather(sequence_kl.mean()).mean()), n)
+        every = self.cfg["log_samples_every"]
+        if every and batch_idx % every == 0:
+            self._log_samples(r)
+
+    def _log_samples(self, r: dict[str, Any], rows: int = 8) -> None:
+        """A markdown table of prompts, responses and scores to TensorBoard."""
+        lines = ["| prompt | response | score |", "|---|---|---|"]
+        scores = r["scores"]["score"].tolist()
+        for prompt, completion, score in list(
+            zip(r["prompts"], r["completions"], scores, strict=True)
+        )[:rows]:
+            clean = [t.replace("|", "\\|").replace("\n", " ") for t in (prompt, completion)]
+            lines.append(f"| {clean[0]} | {clean[1]} | {score:+.3f} |")
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("ppo/samples", "\n".join(lines), self.update_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also save the KL controller, the update counter and the RNG states."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["prefl_ppo"] = {
+            "kl_controller": self.kl_ctl.state_dict(),
+            "update_steps": self.update_steps,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` added."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("prefl_ppo")
+        if state:
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.update_steps = state["update_steps"]
+            torch.set_rng_state(state["torch_rng"])
+            random.setstate(state["python_rng"])
