@@ -109,7 +109,7 @@ def test_policy_loss_single_token(ratio, adv, loss, grad, clipped):
 
 
 def test_policy_loss_num_tokens_micro_batches_add_up():
-    """Split the table batch into micro-batches of 1 and 2 rows with 3 and 4 valid tokens:
+    """Split a random (3, 4) batch into micro-batches of 1 and 2 rows with 3 and 4 valid tokens:
     each divided by the 7 valid tokens of the whole, they sum to the full token mean, in value
     and in gradient (the per-micro-batch means would not)."""
     g = torch.Generator().manual_seed(0)

@@ -114,9 +114,9 @@ def test_centering_with_a_margin():
 
 def test_gradients_by_hand():
     """``∂/∂c [-logσ(c - r)] = -σ(-(c - r))`` and ``∂/∂r = +σ(-(c - r))``. For c = ln 3, r = 0:
-    ``σ(-ln 3) = 1/4``, so the gradients are ``-1/4`` and ``+1/4``. With λ = 0.5 the centering term
-    adds ``2λ(c + r) = ln 3`` to both: ``-1/4 + ln 3`` and ``1/4 + ln 3``. The second pair (c = r = 0,
-    λ = 0) gets ``∓σ(0) = ∓1/2``; the gradient of a pair does not leak into the other pair."""
+    ``σ(-ln 3) = 1/4``, so the gradients are ``-1/4`` and ``+1/4``. With λ = 0.5 the centering
+    term adds ``2λ(c + r) = ln 3`` to both: ``-1/4 + ln 3`` and ``1/4 + ln 3``. The second pair
+    (c = r = 0, λ = 0) gets ``∓σ(0) = ∓1/2``; a pair's gradient does not leak into the other."""
     chosen, rejected = t(L3, 0.0, requires_grad=True), t(0.0, 0.0, requires_grad=True)
     bradley_terry_loss(chosen, rejected).sum().backward()
     assert chosen.grad.tolist() == pytest.approx([-0.25, -0.5], abs=TOL)

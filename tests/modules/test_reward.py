@@ -21,8 +21,8 @@ from transformers import AutoModelForSequenceClassification
 
 from prefl import CausalLMSpec, HFExport, PreferenceDataModule, RewardModule, RewardWriter
 from prefl.data import toy
-from prefl.models import build_causal_lm, load_tokenizer
-from prefl.models.reward import STATS_FILE, RewardModel
+from prefl.models import LoraSpec, build_causal_lm, load_tokenizer
+from prefl.models.reward import STATS_FILE, RewardModel, reward_head
 
 METRICS = ("loss", "accuracy", "margin", "reward_mean", "reward_std")
 #: Rewards are float32 and the module's std is ``sqrt(E[r²] - E[r]²)`` from float32 running means,
@@ -45,7 +45,9 @@ def sft_dir(tmp_path_factory):
 
 def data(n=16, batch_size=8, **kw):
     kw = {"max_length": 32, "max_prompt_length": 16, **kw}
-    return PreferenceDataModule(mode=kw.pop("mode", "pairs"), max_samples=n, batch_size=batch_size, **kw)
+    return PreferenceDataModule(
+        mode=kw.pop("mode", "pairs"), max_samples=n, batch_size=batch_size, **kw
+    )
 
 
 def trainer(tmp_path, **kw):
@@ -180,10 +182,41 @@ def test_module_export_writes_the_same_directory(fitted, tmp_path):
     assert module.model.score(prompts, completions) == pytest.approx(expected, abs=TOL)
 
 
+def test_lora_fit_trains_head_and_adapters_and_exports_merged(sft_dir, tmp_path):
+    """With LoRA the optimizer holds exactly the adapters and the head's trained copy; both move
+    in two SGD steps, and the merged export scores like the LoRA module."""
+    seed_everything(0)
+    module = RewardModule(
+        CausalLMSpec(name_or_path=sft_dir, lora=LoraSpec(r=4)), optimizer=sgd(0.5)
+    )
+    module.tokenizer = load_tokenizer(sft_dir)
+    module.configure_model()
+    head = reward_head(module.model.model)
+    head_before = head.weight.detach().clone()
+    dm = data()
+    t = trainer(tmp_path, max_epochs=1)
+    t.fit(module, datamodule=dm)
+    in_optimizer = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert id(head.weight) in in_optimizer
+    assert all("lora_" in names[i] or "modules_to_save" in names[i] for i in in_optimizer)
+    assert not torch.equal(head.weight, head_before)
+    out = module.export(tmp_path / "export")
+    c, r = rewards_on(module, dm.val_dataloader())
+    loaded = RewardModel.from_pretrained(out)
+    assert loaded.stats == module.reward_stats
+    with torch.no_grad():
+        batch = next(iter(dm.val_dataloader()))
+        got = loaded(batch["chosen_input_ids"], batch["chosen_attention_mask"]).double()
+    torch.testing.assert_close(got, c[:8], rtol=0, atol=TOL)
+
+
 # --------------------------------------------------------------------------- the loss in training
 
 
-def one_step_loss(sft_dir, tmp_path, dataset, **module_kw) -> tuple[float, RewardModule, PreferenceDataModule]:
+def one_step_loss(
+    sft_dir, tmp_path, dataset, **module_kw
+) -> tuple[float, RewardModule, PreferenceDataModule]:
     """``train/loss`` of one step with learning rate 0 over the whole dataset in one batch (the
     weights do not move, so ``module(batch)`` afterwards gives the rewards the loss saw)."""
     seed_everything(0)  # the same new head in every call
@@ -230,9 +263,7 @@ def test_center_rewards_coefficient_adds_the_centering_term(sft_dir, tmp_path):
     """λ = 0.5 adds ``λ·mean((c + r)²)`` to the λ = 0 loss of the same rewards."""
     lam = 0.5
     plain, module, dm = one_step_loss(sft_dir, tmp_path, pair_dataset())
-    centred, _, _ = one_step_loss(
-        sft_dir, tmp_path, pair_dataset(), center_rewards_coefficient=lam
-    )
+    centred, _, _ = one_step_loss(sft_dir, tmp_path, pair_dataset(), center_rewards_coefficient=lam)
     c, r = rewards_on(module, in_order(dm))
     extra = lam * ((c + r) ** 2).mean().item()
     assert extra > 0.01
