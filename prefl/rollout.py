@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefl.functional import next_token_targets, token_logps
+from prefl.functional import entropy_from_logits, next_token_targets, token_logps
 from prefl.generation import completion_mask
 
 
@@ -115,8 +115,6 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs ``(N, R)`` of the responses under ``model`` (logits / temperature),
     0 on padding; with ``with_entropy``, also the per-token entropy ``(N, R)``."""
-    from prefl.functional import entropy_from_logits
-
     ids, mask, positions = responses.sequence()
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     logits = logits / temperature
