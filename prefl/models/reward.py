@@ -144,6 +144,8 @@ class RewardModel(torch.nn.Module):
         self.tokenizer.save_pretrained(out)
         if self.stats is not None:
             (out / STATS_FILE).write_text(json.dumps(self.stats, indent=2) + "\n")
+        else:
+            (out / STATS_FILE).unlink(missing_ok=True)  # never leave stale statistics behind
         return out
 
     @classmethod

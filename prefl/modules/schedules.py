@@ -54,8 +54,9 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     def set_total_steps(self, total_steps: int) -> None:
         """Fix the run length and re-apply the current step's learning rate."""
         self.total_steps = int(total_steps)
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
-            group["lr"] = lr
+        factor = self.factor(self.last_epoch)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * factor
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:

@@ -2,8 +2,9 @@
 
 The toy tokenizer has PAD = 0, EOS = 1, BOS = 2 and prepends BOS when special tokens are added.
 Models are tiny Llamas (the toy 2-layer, 64-wide one, or a 1-layer, 256-wide one where the head's
-initial std has to be measured on enough weights). Rewards are float32, so two computations of the
-same reward that differ only in padding or batching agree to ``1e-5``.
+initial std has to be measured on enough weights), and a tiny GPT-2 for the padding checks.
+Rewards are float32, so two computations of the same reward that differ only in padding or
+batching agree to ``1e-5``.
 """
 
 from __future__ import annotations
@@ -82,10 +83,16 @@ def head_std(model) -> float:
 # --------------------------------------------------------------------------- read-out
 
 
-def test_left_and_right_padding_give_the_reward_of_each_sequence_alone(tok):
+#: GPT-2 has *absolute* position embeddings, so left padding without positions that follow the
+#: mask would shift them and change the rewards (Llama's RoPE is relative, hence shift-invariant).
+GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}
+
+
+@pytest.mark.parametrize("config", ["toy", GPT2], ids=["llama", "gpt2"])
+def test_left_and_right_padding_give_the_reward_of_each_sequence_alone(tok, config):
     """The reward is read at the last real token, and positions follow the mask, so padding on
     either side changes nothing: both equal each sequence's reward run alone."""
-    rm = toy_reward_model(tok)
+    rm = toy_reward_model(tok, config=config)
     expected = alone(rm, SEQS)
     with torch.no_grad():
         right = rm(*batch(SEQS))
@@ -95,6 +102,17 @@ def test_left_and_right_padding_give_the_reward_of_each_sequence_alone(tok):
     torch.testing.assert_close(right, expected, rtol=0, atol=TOL)
     torch.testing.assert_close(left, expected, rtol=0, atol=TOL)
     assert len(set(expected.tolist())) == 3  # three different sequences, three rewards
+
+
+def test_left_padding_needs_positions_from_the_mask(tok):
+    """Why ``forward`` passes ``position_ids``: the bare GPT-2 classifier on a left-padded batch
+    (default positions ``0..T-1``, shifted for the short rows) scores differently, while
+    ``RewardModel`` matches the unpadded rewards (previous test)."""
+    rm = toy_reward_model(tok, config=GPT2)
+    ids, mask = batch(SEQS, left=True)
+    with torch.no_grad():
+        bare = rm.model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    assert (bare - alone(rm, SEQS)).abs().max().item() > 1e-3
 
 
 def test_reward_depends_on_the_last_real_token(tok):
