@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CausalLMSpec": "prefl.models",
     "DPOModule": "prefl.modules",
+    "EvalCallback": "prefl.callbacks",
     "HFExport": "prefl.callbacks",
     "LoraSpec": "prefl.models",
     "PPOModule": "prefl.modules",
@@ -35,6 +36,7 @@ _EXPORTS = {
 __all__ = [
     "CausalLMSpec",
     "DPOModule",
+    "EvalCallback",
     "HFExport",
     "LoraSpec",
     "PPOModule",
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from prefl.callbacks import HFExport, RewardReport, RewardWriter, SampleReport
+    from prefl.callbacks import EvalCallback, HFExport, RewardReport, RewardWriter, SampleReport
     from prefl.data import PreferenceDataModule
     from prefl.functional import masked_mean, sequence_logps
     from prefl.losses import bradley_terry_loss, dpo_loss

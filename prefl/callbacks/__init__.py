@@ -1,7 +1,15 @@
 """Callbacks the Trainer calls: Hugging Face export, sample-quality and reward reports."""
 
+from prefl.callbacks.evaluation import EvalCallback
 from prefl.callbacks.export import HFExport
 from prefl.callbacks.rewards import RewardReport, RewardWriter
 from prefl.callbacks.samples import SampleReport, resolve_reward_fn
 
-__all__ = ["HFExport", "RewardReport", "RewardWriter", "SampleReport", "resolve_reward_fn"]
+__all__ = [
+    "EvalCallback",
+    "HFExport",
+    "RewardReport",
+    "RewardWriter",
+    "SampleReport",
+    "resolve_reward_fn",
+]
