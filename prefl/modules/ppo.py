@@ -78,7 +78,6 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
             accumulation); None = the whole minibatch.
         clip_eps: PPO's policy ratio clip ε.
         value_clip_eps: Value clip ε.
-        vf_coef: Weight of the value loss.
         max_grad_norm: Gradient-norm clip of each optimizer step; None = no clipping.
         optimizer: Builds the policy optimizer.
         value_optimizer: Builds the critic optimizer (its own learning rate).
@@ -115,7 +114,6 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
         micro_batch_size: int | None = None,
         clip_eps: float = 0.2,
         value_clip_eps: float = 0.2,
-        vf_coef: float = 0.1,
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         value_optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -130,6 +128,14 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
             )
         if advantage_estimator in ("rloo", "grpo") and num_samples < 2:
             raise ValueError(f"model.num_samples must be >= 2 for {advantage_estimator}")
+        n_sources = len(reward_fns or []) + (reward_model is not None)
+        if n_sources == 0:
+            raise ValueError("PPO needs a reward: set model.reward_model and/or model.reward_fns")
+        if reward_weights is not None and len(reward_weights) != n_sources:
+            raise ValueError(
+                f"model.reward_weights has {len(reward_weights)} values for "
+                f"{n_sources} reward sources (reward model first, then functions)"
+            )
         self.automatic_optimization = False
         self.reference = None
         self.cfg = {
@@ -286,7 +292,9 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
         self.log(
             "ppo/score_step", scores["score"].mean(), prog_bar=True, batch_size=n, sync_dist=True
         )
-        self.kl_ctl.update(float(self.all_gather(sequence_kl.mean()).mean()), n)
+        self.kl_ctl.update(
+            float(self.all_gather(sequence_kl.mean()).mean()), n * self.trainer.world_size
+        )
         every = self.cfg["log_samples_every"]
         if every and batch_idx % every == 0:
             self._log_samples(r)

@@ -39,7 +39,6 @@ class PPOUpdateMixin:
         if cfg["kl_penalty"] == "loss":
             k3 = kl_penalty(logprobs, r["ref_logprobs"][idx], "k3")
             loss = loss + self.kl_ctl.value * (k3 * mask).sum() / norm
-        self.manual_backward(loss)
         share = mask.sum() / norm  # summed over micro-batches and averaged over ranks: token mean
         out = {
             "policy_loss": pg_loss.detach(),
@@ -52,8 +51,11 @@ class PPOUpdateMixin:
             vf_loss, v_clip = clipped_value_loss(
                 values, r["values"][idx], r["returns"][idx], mask, cfg["value_clip_eps"], norm
             )
-            self.manual_backward(cfg["vf_coef"] * vf_loss)
+            loss = loss + vf_loss  # the critic has its own optimizer and learning rate
             out.update(value_loss=vf_loss.detach(), value_clip_frac=v_clip * share)
+        # one backward over policy and critic (disjoint parameters, so the same gradients as two):
+        # DDP (find_unused_parameters=False) needs every trained parameter in each backward
+        self.manual_backward(loss)
         return out
 
     def _optimizer_step(self, optimizer: Any) -> None:
