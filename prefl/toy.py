@@ -213,7 +213,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/pipeline", help="output directory")
     parser.add_argument("--sweep", action="store_true", help="also sweep DPO β and PPO β")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the toy models are too small to gain from more, and "
+        "one thread avoids the slowdown of oversubscribed cores)",
+    )
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     run_pipeline(args.out, sweep=args.sweep)
 
 
