@@ -7,7 +7,24 @@ order of magnitude. Subprocesses inherit ``OMP_NUM_THREADS``.
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory):
+    """A toy 'SFT export' on disk (random-init toy Llama, seed 0, and the toy tokenizer): the
+    source that DPO, reward and PPO tests load their policy, reference, reward or value model
+    from."""
+    from prefl.models import CausalLMSpec, build_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer("toy")
+    model = build_causal_lm(CausalLMSpec(config="toy"), tok)
+    out = tmp_path_factory.mktemp("sft")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

@@ -11,18 +11,6 @@ from prefl import CausalLMSpec, DPOModule, PreferenceDataModule
 from prefl.models import LoraSpec, build_causal_lm, load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    """A toy 'SFT export' on disk: the source the policy and its reference are loaded from."""
-    torch.manual_seed(0)
-    tok = load_tokenizer("toy")
-    model = build_causal_lm(CausalLMSpec(config="toy"), tok)
-    out = tmp_path_factory.mktemp("sft")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
 def data(n=32, batch_size=8, **kw):
     dm = PreferenceDataModule(
         mode="pairs",

@@ -32,18 +32,6 @@ RM_STATS = {"mean": 0.5, "std": 2.0}
 
 
 @pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    """A toy 'SFT export' on disk: the policy, its reference and (for GAE) the critic's source."""
-    torch.manual_seed(0)
-    tok = load_tokenizer("toy")
-    model = build_causal_lm(CausalLMSpec(config="toy"), tok)
-    out = tmp_path_factory.mktemp("sft")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory):
     """A toy reward-model export (random head) with stored statistics mean 0.5, std 2."""
     torch.manual_seed(1)

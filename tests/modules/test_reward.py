@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification
 
 from prefl import CausalLMSpec, HFExport, PreferenceDataModule, RewardModule, RewardWriter
 from prefl.data import toy
-from prefl.models import LoraSpec, build_causal_lm, load_tokenizer
+from prefl.models import LoraSpec, load_tokenizer
 from prefl.models.reward import STATS_FILE, RewardModel, reward_head
 
 METRICS = ("loss", "accuracy", "margin", "reward_mean", "reward_std")
@@ -29,18 +29,6 @@ METRICS = ("loss", "accuracy", "margin", "reward_mean", "reward_std")
 #: which loses a few digits when |mean| >> std; the hand values below are float64.
 TOL = 1e-5
 STD_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    """A toy 'SFT export' on disk: the backbone the reward model starts from."""
-    torch.manual_seed(0)
-    tok = load_tokenizer("toy")
-    model = build_causal_lm(CausalLMSpec(config="toy"), tok)
-    out = tmp_path_factory.mktemp("sft")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
 
 
 def data(n=16, batch_size=8, **kw):
