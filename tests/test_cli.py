@@ -255,3 +255,22 @@ def test_toy_rl_runs_raise_the_oracle_reward(config, pipeline):
     assert figure(log, r"KL\(policy \|\| reference\) ([-\d.]+)") <= 10.0
     assert figure(log, r"EOS rate\s+([\d.]+)") >= 0.95
     assert (out / f"runs/toy/{config}/export/model.safetensors").exists()
+
+
+def test_sweep_adds_frontier_curves(pipeline, monkeypatch):
+    """`--sweep` runs DPO per β and PPO per KL coefficient and plots both curves (one value
+    each here, to keep the test short)."""
+    import prefl.toy as pipeline_module
+
+    out, _, summary = pipeline
+    monkeypatch.setattr(pipeline_module, "DPO_BETAS", (0.25,))
+    monkeypatch.setattr(pipeline_module, "PPO_KL_COEFS", (0.2,))
+    monkeypatch.chdir(out)
+    summary = dict(summary)
+    pipeline_module.run_sweep(summary)
+    (dpo,), (ppo,) = summary["sweep"]["dpo"], summary["sweep"]["ppo"]
+    assert dpo["beta"] == 0.25 and ppo["kl_coef"] == 0.2
+    assert dpo["reward"] > summary["stages"]["sft"]["reward"] and dpo["kl"] > 0
+    assert ppo["reward"] > summary["stages"]["sft"]["reward"] and ppo["kl"] > 0
+    pipeline_module.plot_frontier(summary, out / "frontier_sweep.png")
+    assert (out / "frontier_sweep.png").stat().st_size > 10_000
