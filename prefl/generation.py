@@ -52,6 +52,33 @@ def completion_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def generate_sampled(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    pad_token_id: int,
+    eos_token_id: int,
+) -> torch.Tensor:
+    """The new tokens ``(B, R)`` that ``generate`` samples after left-padded ``input_ids``
+    ``(B, P)``: pure sampling at ``temperature`` (``top_k=0``, ``top_p=1``) with the KV cache,
+    from the current global RNG (callers seed it)."""
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+    )
+    return out[:, input_ids.shape[1] :]
+
+
+@torch.no_grad()
 def sample_completions(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -88,17 +115,15 @@ def sample_completions(
             length = max(len(i) for i in ids)
             input_ids = pad(ids, tokenizer.pad_token_id, length, left=True).to(device)
             attention = pad([[1] * len(i) for i in ids], 0, length, left=True).to(device)
-            generated = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos,
-            )[:, length:]
+            generated = generate_sampled(
+                model,
+                input_ids,
+                attention,
+                max_new_tokens,
+                temperature,
+                tokenizer.pad_token_id,
+                eos,
+            )
             mask = completion_mask(generated, eos)
             for i, (row, row_mask) in enumerate(zip(generated, mask, strict=True)):
                 n = int(row_mask.sum())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from prefl.functional import entropy_from_logits, next_token_targets, token_logps
-from prefl.generation import completion_mask
+from prefl.generation import completion_mask, generate_sampled
 
 
 @dataclass
@@ -91,19 +91,10 @@ def sample_responses(
     device = query_ids.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = policy.generate(
-            input_ids=query_ids,
-            attention_mask=query_mask,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
+        response = generate_sampled(
+            policy, query_ids, query_mask, max_new_tokens, temperature, pad_token_id, eos_token_id
         )
     policy.train(was_training)
-    response = out[:, query_ids.shape[1] :]
     mask = completion_mask(response, eos_token_id)
     response = response.masked_fill(mask == 0, pad_token_id)
     ended = ((response == eos_token_id) & (mask == 1)).any(-1)

@@ -104,10 +104,8 @@ class SampleReport(Callback):
     def compare(self, pl_module: LightningModule, samples: Samples) -> dict[str, float]:
         """Reference figures: its EOS rate and reward on its own samples (same prompts and seed),
         the reward gain, and KL(policy || reference) estimated on the policy's samples."""
-        tokenizer, pad_id = (
-            pl_module.resolve_tokenizer(),
-            pl_module.resolve_tokenizer().pad_token_id,
-        )
+        tokenizer = pl_module.resolve_tokenizer()
+        pad_id = tokenizer.pad_token_id
         policy_scores = score_samples(pl_module.model, samples, pad_id, self.batch_size)
         with pl_module.reference_context() as reference:
             ref_report = self.report(self.sample(reference, tokenizer))
