@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefl.data.collate import pad
 from prefl.functional import next_token_targets, token_logps
+from prefl.models.sharding import gathered_params
 
 
 @dataclass
@@ -63,18 +64,23 @@ def generate_sampled(
 ) -> torch.Tensor:
     """The new tokens ``(B, R)`` that ``generate`` samples after left-padded ``input_ids``
     ``(B, P)``: pure sampling at ``temperature`` (``top_k=0``, ``top_p=1``) with the KV cache,
-    from the current global RNG (callers seed it)."""
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-    )
+    from the current global RNG (callers seed it).
+
+    A sharded model (FSDP2, FSDP1, ZeRO-3) is gathered once for the whole call
+    (:func:`prefl.models.sharding.gathered_params`): ranks that stop at different lengths then
+    issue no mismatched collectives. That makes it a collective: every rank must call it."""
+    with gathered_params(model):
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+        )
     return out[:, input_ids.shape[1] :]
 
 

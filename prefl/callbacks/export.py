@@ -2,7 +2,8 @@
 
 The next stage (reward model, DPO, PPO) then loads the result by path, like any hub checkpoint:
 ``AutoModelForCausalLM.from_pretrained(dirpath)``. Weights are safetensors; LoRA adapters are
-merged first. Only the global-zero process writes.
+merged first. Every rank calls ``export`` (sharded weights are gathered collectively); only
+the global-zero process writes.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ class HFExport(Callback):
         self.dirpath = Path(dirpath)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Call ``pl_module.export(dirpath)`` on global rank zero."""
+        """Call ``pl_module.export(dirpath)`` on every rank (a sharded model is gathered
+        collectively); the module writes on global rank zero only."""
         if not hasattr(pl_module, "export"):
             raise TypeError(f"HFExport: {type(pl_module).__name__} has no export() method")
-        if trainer.is_global_zero:
-            out = pl_module.export(self.dirpath)
-            rank_zero_info(f"prefl: exported the model to {out}")
+        out = pl_module.export(self.dirpath)
+        rank_zero_info(f"prefl: exported the model to {out}")
         trainer.strategy.barrier("prefl-export")

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-#: Per-pair float columns passed through as ``(B,)`` tensors when the dataset has them: the
-#: margin, and reference log-probs precomputed by ``DPOModule(precompute_ref_logps=True)``.
-PASSTHROUGH = ("margin", "ref_chosen_logps", "ref_rejected_logps")
+#: Per-row float columns passed through as ``(B,)`` tensors when the dataset has them: the
+#: margin, reference log-probs precomputed by ``DPOModule(precompute_ref_logps=True)``, and the
+#: data-parallel ``sample_weight`` (0 = a padding repeat, see :mod:`prefl.data.sampling`).
+PASSTHROUGH = ("margin", "ref_chosen_logps", "ref_rejected_logps", "sample_weight")
 
 
 def padded_length(lengths: Sequence[int], multiple: int | None) -> int:
@@ -65,18 +66,23 @@ class PreferenceCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """Collate ``examples`` (rows of the tokenized dataset) into a batch."""
         if self.mode == "prompts":
-            return self._prompts(examples)
-        if self.mode == "sft":
-            return self._sequences(examples, "completion_ids", "")
+            batch = self._prompts(examples)
+        elif self.mode == "sft":
+            batch = self._sequences(examples, "completion_ids", "")
+        else:
+            batch = self._pairs(examples)
+        for key in PASSTHROUGH:
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        return batch
+
+    def _pairs(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         names = ("chosen", "rejected")
         full = [[e["prompt_ids"] + e[f"{n}_ids"] for e in examples] for n in names]
         length = padded_length([len(s) for seqs in full for s in seqs], self.multiple)
         batch: dict[str, Any] = {}
         for name in names:
             batch.update(self._sequences(examples, f"{name}_ids", f"{name}_", length))
-        for key in PASSTHROUGH:
-            if key in examples[0]:
-                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch
 
     def _sequences(self, examples, key: str, prefix: str, length: int | None = None) -> dict:

@@ -12,6 +12,7 @@ an error instead.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from prefl.data import toy
 from prefl.data.collate import PreferenceCollator
 from prefl.data.formats import Columns, detect_format, required_columns
+from prefl.data.sampling import MarkedDataset, WeightedDistributedSampler
 from prefl.data.tokenize import Limits, tokenize_batch
 from prefl.models.tokenizers import load_tokenizer
 
@@ -259,14 +261,32 @@ class PreferenceDataModule(LightningDataModule):
             )
         h = self.hparams
         size = h.batch_size if train else (h.eval_batch_size or h.batch_size)
+        dataset, sampler = self.datasets[split], self._distributed_sampler(split, train)
         return DataLoader(
-            self.datasets[split],
+            dataset if sampler is None else MarkedDataset(dataset),
             batch_size=size,
-            shuffle=train,
+            shuffle=train if sampler is None else None,
+            sampler=sampler,
             collate_fn=self.collator,
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
         )
+
+    def _distributed_sampler(self, split: str, train: bool) -> WeightedDistributedSampler | None:
+        """Under data parallelism, a sampler that marks its padding repeats (weight 0), so an
+        uneven last batch is neither dropped nor counted twice; None on one process or when the
+        Trainer was told not to shard (``use_distributed_sampler=False``)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        if not trainer._accelerator_connector.use_distributed_sampler:
+            return None
+        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+        if kwargs.get("num_replicas", 1) <= 1:
+            return None
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # Lightning's own sampler seed
+        dataset = self.datasets[split]
+        return WeightedDistributedSampler(dataset, shuffle=train, seed=seed, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""

@@ -30,7 +30,14 @@ from prefl.functional.logps import (
     sequence_logps,
     token_logps,
 )
-from prefl.functional.masked import explained_variance, masked_mean, masked_sum, masked_var, whiten
+from prefl.functional.masked import (
+    explained_variance,
+    global_weighted_mean,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    whiten,
+)
 from prefl.functional.rl import KL_ESTIMATORS, gae, kl_penalty
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "entropy_from_logits",
     "explained_variance",
     "gae",
+    "global_weighted_mean",
     "kl_penalty",
     "masked_mean",
     "masked_sum",

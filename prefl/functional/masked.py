@@ -117,3 +117,27 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     var_residual = masked_var(returns - values, valid, unbiased=False)
     safe = torch.where(var_returns > 0, var_returns, torch.ones_like(var_returns))
     return torch.where(var_returns > 0, 1 - var_residual / safe, torch.zeros_like(safe))
+
+
+def global_weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of ``values`` ``(B,)`` weighted by ``weights`` ``(B,)`` over all data-parallel
+    ranks, as this rank's share of the loss.
+
+    Returns ``sum(w * v) * world_size / sum_over_ranks(w)``: DDP and FSDP average gradients
+    over ranks, so the gradient they apply is that of the global weighted mean, however the
+    rows (and the weight-0 padding repeats of an uneven last batch) fall on the ranks. On one
+    process it is the ordinary weighted mean. A collective when ``torch.distributed`` is
+    initialised: every rank must call it.
+
+    Args:
+        values: Per-row values ``(B,)`` (e.g. per-pair losses), with gradient.
+        weights: Per-row weights ``(B,)`` (1 = a real row, 0 = a padding repeat); None = all 1.
+    """
+    weights = torch.ones_like(values) if weights is None else weights.to(values)
+    total = weights.detach().sum()
+    world = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        total = total.clone()
+        torch.distributed.all_reduce(total)
+    return (values * weights).sum() * world / total.clamp(min=torch.finfo(values.dtype).tiny)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from prefl.models.lora import LoraSpec, apply_lora
+from prefl.models.sharding import building_empty
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,12 @@ def build_hf_model(
     common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.attn_implementation is not None:
         common["attn_implementation"] = spec.attn_implementation
-    if spec.name_or_path is not None:
+    if spec.name_or_path is not None and building_empty():
+        # ranks other than 0 under sharding: the architecture only, weights come by broadcast
+        config = AutoConfig.from_pretrained(spec.name_or_path, **config_kwargs, **common)
+        explicit = {"dtype": dtype} if isinstance(dtype, torch.dtype) else {}  # else config's
+        model = auto_class.from_config(config, **explicit, **common)
+    elif spec.name_or_path is not None:
         model = auto_class.from_pretrained(
             spec.name_or_path, dtype=dtype, **config_kwargs, **common
         )

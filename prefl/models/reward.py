@@ -136,11 +136,22 @@ class RewardModel(torch.nn.Module):
             return rewards
         return (rewards - self.stats["mean"]) / max(self.stats["std"], 1e-8)
 
-    def save_pretrained(self, dirpath: str | Path) -> Path:
-        """Write the classifier (LoRA merged, safetensors), tokenizer and reward statistics."""
+    def save_pretrained(
+        self, dirpath: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Write the classifier (LoRA merged, safetensors), tokenizer and reward statistics.
+
+        Args:
+            dirpath: Target directory, created if needed.
+            state_dict: The classifier's full weights, for a sharded model (see
+                :func:`prefl.models.sharding.full_state_dict`); None = its own.
+        """
         out = Path(dirpath)
         out.mkdir(parents=True, exist_ok=True)
-        merge_lora(self.model).save_pretrained(out, safe_serialization=True)
+        if state_dict is None:
+            merge_lora(self.model).save_pretrained(out, safe_serialization=True)
+        else:
+            self.model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         if self.stats is not None:
             (out / STATS_FILE).write_text(json.dumps(self.stats, indent=2) + "\n")

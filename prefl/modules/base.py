@@ -9,6 +9,7 @@ Face directory that the next stage loads by path.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
-from prefl.models import CausalLMSpec, build_causal_lm, load_tokenizer, merge_lora
+from prefl.models import CausalLMSpec, build_causal_lm, is_lora, load_tokenizer, merge_lora
+from prefl.models.sharding import (
+    broadcast_sharded,
+    data_parallel_mesh,
+    empty_weights,
+    full_state_dict,
+    is_sharded,
+)
 from prefl.modules.schedules import WarmupCosineLR
 
 
@@ -61,10 +69,36 @@ class CausalLMModule(LightningModule):
         return self.tokenizer
 
     def configure_model(self) -> None:
-        """Build the causal LM (once) from ``model`` and the tokenizer."""
-        if self.model is None:
-            self.model = build_causal_lm(self.model_spec, self.resolve_tokenizer())
-            self._check_lengths()
+        """Build the models once (:meth:`build_models`); under Lightning's
+        ``ModelParallelStrategy`` shard every one of them with FSDP2, rank 0 reading the weights
+        and broadcasting them (see :mod:`prefl.models.sharding`)."""
+        if self.model is not None:
+            return
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            self.build_models()
+        else:
+            mesh = data_parallel_mesh(mesh)
+            rank0 = torch.distributed.get_rank() == 0
+            with contextlib.nullcontext() if rank0 else empty_weights():
+                self.build_models()
+            device = self.trainer.strategy.root_device
+            for model in self.shardable_models():
+                broadcast_sharded(model, mesh, device, rank0)
+        self._check_lengths()
+
+    def build_models(self) -> None:
+        """Build ``self.model`` (subclasses add the reference, reward and value models)."""
+        self.model = build_causal_lm(self.model_spec, self.resolve_tokenizer())
+
+    def shardable_models(self) -> list[torch.nn.Module]:
+        """The Hugging Face models this module holds, each sharded on its own (FSDP2 roots)."""
+        return [self.model]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the models were sharded in :meth:`configure_model`."""
+        return self.model is not None and is_sharded(self.model)
 
     def _check_lengths(self) -> None:
         """Fail early when the data's ``max_length`` exceeds the model's position range."""
@@ -97,6 +131,9 @@ class CausalLMModule(LightningModule):
     def export(self, dirpath: str | Path) -> Path:
         """Write the model (LoRA merged) and tokenizer as a Hugging Face directory (safetensors).
 
+        A sharded model is gathered first, so every rank must call this; only global rank 0
+        writes.
+
         Args:
             dirpath: Target directory, created if needed.
 
@@ -107,7 +144,17 @@ class CausalLMModule(LightningModule):
         if self.model is None:
             raise ValueError("export: the model is not built yet (call configure_model first)")
         out = Path(dirpath)
-        out.mkdir(parents=True, exist_ok=True)
-        merge_lora(self.model).save_pretrained(out, safe_serialization=True)
-        self.resolve_tokenizer().save_pretrained(out)
+        if not self.sharded:
+            if self.global_rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                merge_lora(self.model).save_pretrained(out, safe_serialization=True)
+                self.resolve_tokenizer().save_pretrained(out)
+            return out
+        if is_lora(self.model):
+            raise ValueError("export: merging LoRA adapters of a sharded model is not supported")
+        state = full_state_dict(self.model)
+        if state is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            self.resolve_tokenizer().save_pretrained(out)
         return out

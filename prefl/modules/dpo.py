@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from prefl.functional import next_token_targets, token_logps
+from prefl.functional import global_weighted_mean, next_token_targets, token_logps
 from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss_terms, implicit_rewards
 from prefl.models import CausalLMSpec, disable_dropout, is_lora
 from prefl.modules.reference import ReferenceModule
@@ -128,11 +128,9 @@ class DPOModule(ReferenceModule):
             return []
         return [*self.loss_types, *(["nll"] if self.loss_kwargs["nll_weight"] else [])]
 
-    def configure_model(self) -> None:
+    def build_models(self) -> None:
         """Build the policy (dropout off) and, unless LoRA provides it, the frozen reference."""
-        if self.model is not None:
-            return
-        super().configure_model()
+        super().build_models()
         if self.needs_reference:
             self.build_reference()
         else:
@@ -190,7 +188,9 @@ class DPOModule(ReferenceModule):
         terms = dpo_loss_terms(
             policy["chosen_logps"], policy["rejected_logps"], ref_chosen, ref_rejected, **kwargs
         )
-        loss = terms.pop("total").mean()
+        weights = batch.get("sample_weight")  # data-parallel padding repeats weigh 0
+        total = terms.pop("total")
+        loss = global_weighted_mean(total, weights)
         chosen_r, rejected_r = implicit_rewards(
             policy["chosen_logps"],
             policy["rejected_logps"],
@@ -199,7 +199,7 @@ class DPOModule(ReferenceModule):
             self.loss_kwargs["beta"],
         )
         values = {
-            "loss": loss.detach(),
+            "loss": total.detach(),
             "rewards/chosen": chosen_r,
             "rewards/rejected": rejected_r,
             "rewards/margins": chosen_r - rejected_r,
@@ -210,7 +210,7 @@ class DPOModule(ReferenceModule):
         }
         for name, value in values.items():
             metric = self.metrics[f"{stage}_{name.replace('/', '_')}"]
-            metric(value)
+            metric(value, 1.0 if weights is None else weights)
             self.log(
                 f"{stage}/{name}",
                 metric,

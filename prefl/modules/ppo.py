@@ -154,11 +154,9 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
         """Whether the advantage estimator is GAE (with the value model)."""
         return self.cfg["advantage_estimator"] == "gae"
 
-    def configure_model(self) -> None:
+    def build_models(self) -> None:
         """Build policy, reference, reward model(s) and, for GAE, the value model."""
-        if self.model is not None:
-            return
-        super().configure_model()
+        super().build_models()
         self.build_reference()
         tokenizer, cfg = self.resolve_tokenizer(), self.cfg
         reward_model = None
@@ -184,9 +182,16 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
             self.value_model = build_value_model(source, tokenizer)
             disable_dropout(self.value_model)
 
+    def shardable_models(self) -> list[torch.nn.Module]:
+        """Policy, reference, reward model and value model: each its own FSDP2 root."""
+        extra = [self.scorer.reward_model, self.value_model]
+        return [*super().shardable_models(), *(m for m in extra if m is not None)]
+
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """The reference and the reward model stay out of checkpoints (rebuilt from paths)."""
         frozen = super().frozen_modules()
+        if self.sharded:
+            return frozen
         if self.scorer is not None and self.scorer.reward_model is not None:
             frozen["scorer.reward_model"] = self.scorer.reward_model
         return frozen
@@ -223,7 +228,10 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
             eos_token_id=tok.eos_token_id,
             seed=seed,
         )
-        mask = responses.response_mask.float()
+        weights = batch.get("sample_weight")  # data-parallel padding repeats weigh 0
+        weights = torch.ones(len(batch["prompt"])) if weights is None else weights
+        weights = weights.to(responses.response_mask.device).repeat_interleave(k)
+        mask = responses.response_mask.float() * weights[:, None]  # repeats: no loss, no stats
         logprobs, _ = response_logprobs(self.model, responses, temperature)
         with self.reference_context() as reference:
             ref_logprobs, _ = response_logprobs(reference, responses, temperature)
@@ -246,6 +254,7 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
         return {
             "responses": responses,
             "mask": mask,
+            "weights": weights,
             "logprobs": logprobs,
             "ref_logprobs": ref_logprobs,
             "values": values,
@@ -263,38 +272,36 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
         seed = self.rollout_seed(batch_idx)
         r = self.rollout(batch, seed)
         stats = self.ppo_update(r, seed)
-        mask, n = r["mask"], r["mask"].shape[0]
-        sequence_kl = r["kl"].sum(-1)
-        scores = r["scores"]
-        metrics = {
-            "ppo/score": scores["score"].mean(),
-            "ppo/score_raw": scores["raw"].mean(),
-            "ppo/reward": r["rewards"].sum(-1).mean(),
-            "ppo/kl": sequence_kl.mean(),
+        mask, weights = r["mask"], r["weights"]
+        sequence_kl, scores = r["kl"].sum(-1), r["scores"]
+        per_response = {
+            "ppo/score": scores["score"],
+            "ppo/score_raw": scores["raw"],
+            "ppo/reward": r["rewards"].sum(-1),
+            "ppo/kl": sequence_kl,
+            "ppo/response_length": r["responses"].response_mask.float().sum(-1),
+            "ppo/eos_rate": r["responses"].ended.float(),
+            **{f"ppo/score_{k}": v for k, v in scores.items() if k not in ("score", "raw")},
+        }
+        real = self.trainer.strategy.reduce(weights.sum(), reduce_op="sum")
+        exact = {  # global means over the real responses of every rank (identical on all)
+            k: self.trainer.strategy.reduce((v.float() * weights).sum(), reduce_op="sum") / real
+            for k, v in per_response.items()
+        }
+        per_rank = {
             "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
-            "ppo/response_length": mask.sum(-1).mean(),
-            "ppo/eos_rate": r["responses"].ended.float().mean(),
             "ppo/advantage_mean": masked_mean(r["advantages"], mask),
-            **{f"ppo/score_{k}": v.mean() for k, v in scores.items() if k not in ("score", "raw")},
             **{f"ppo/{k}": torch.tensor(v) for k, v in stats.items()},
         }
         if self.uses_critic:
-            metrics["ppo/value_mean"] = masked_mean(r["values"], mask)
-            metrics["ppo/explained_variance"] = explained_variance(r["values"], r["returns"], mask)
-        self.log_dict(
-            {k: v.float() for k, v in metrics.items()},
-            on_step=True,
-            on_epoch=False,
-            sync_dist=True,
-            batch_size=n,
-            prog_bar=False,
-        )
-        self.log(
-            "ppo/score_step", scores["score"].mean(), prog_bar=True, batch_size=n, sync_dist=True
-        )
-        self.kl_ctl.update(
-            float(self.all_gather(sequence_kl.mean()).mean()), n * self.trainer.world_size
-        )
+            per_rank["ppo/value_mean"] = masked_mean(r["values"], mask)
+            per_rank["ppo/explained_variance"] = explained_variance(r["values"], r["returns"], mask)
+        n = int(real)
+        log = {"on_step": True, "on_epoch": False, "batch_size": n, "prog_bar": False}
+        self.log_dict({k: v.float() for k, v in exact.items()}, **log)
+        self.log_dict({k: v.float() for k, v in per_rank.items()}, sync_dist=True, **log)
+        self.log("ppo/score_step", exact["ppo/score"], prog_bar=True, batch_size=n)
+        self.kl_ctl.update(float(exact["ppo/kl"]), n)
         every = self.cfg["log_samples_every"]
         if every and batch_idx % every == 0:
             self._log_samples(r)

@@ -31,7 +31,7 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 class ReferenceModule(CausalLMModule):
     """Base class of modules with a frozen reference (see the module docstring).
 
-    Subclasses call :meth:`build_reference` in ``configure_model`` after building the policy,
+    Subclasses call :meth:`build_reference` in ``build_models`` after building the policy,
     and set ``ref_sync_every`` / ``ref_mixup_alpha`` (None / unused = never sync).
     """
 
@@ -50,6 +50,10 @@ class ReferenceModule(CausalLMModule):
                 )
             return
         self.reference = _freeze(copy.deepcopy(self.model))
+
+    def shardable_models(self) -> list[torch.nn.Module]:
+        """The policy and, when it is a separate copy, the frozen reference."""
+        return [self.model, *([self.reference] if self.reference is not None else [])]
 
     def train(self, mode: bool = True) -> ReferenceModule:
         """Switch train/eval mode; the reference always stays in eval mode."""
@@ -88,6 +92,8 @@ class ReferenceModule(CausalLMModule):
         """Frozen submodules that checkpoints leave out because resume rebuilds them: the
         reference, unless TR-DPO moved it or ``model`` is a random-init config."""
         if self.reference is None or self.ref_sync_every is not None or not self._rebuildable():
+            return {}
+        if self.sharded:  # sharded checkpoints load strictly into every module: keep it
             return {}
         return {"reference": self.reference}
 

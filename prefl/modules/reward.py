@@ -23,9 +23,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from prefl.functional import global_weighted_mean
 from prefl.losses import bradley_terry_loss, reward_accuracy
 from prefl.models import CausalLMSpec
 from prefl.models.reward import RewardModel, build_reward_model
+from prefl.models.sharding import full_state_dict
 from prefl.modules.base import CausalLMModule
 from prefl.modules.schedules import WarmupCosineLR
 
@@ -61,12 +63,10 @@ class RewardModule(CausalLMModule):
             {f"{stage}_{name}": MeanMetric() for stage in ("train", "val") for name in _STATS}
         )
 
-    def configure_model(self) -> None:
-        """Build the reward model (backbone + scalar head) once."""
-        if self.model is None:
-            tokenizer = self.resolve_tokenizer()
-            self.model = RewardModel(build_reward_model(self.model_spec, tokenizer), tokenizer)
-            self._check_lengths()
+    def build_models(self) -> None:
+        """Build the reward model (backbone + scalar head)."""
+        tokenizer = self.resolve_tokenizer()
+        self.model = RewardModel(build_reward_model(self.model_spec, tokenizer), tokenizer)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards ``(B,)`` of the chosen and the rejected completions, in one forward."""
@@ -81,7 +81,8 @@ class RewardModule(CausalLMModule):
         losses = bradley_terry_loss(
             chosen, rejected, batch.get("margin"), self.center_rewards_coefficient
         )
-        loss = losses.mean()
+        weights = batch.get("sample_weight")  # data-parallel padding repeats weigh 0
+        loss = global_weighted_mean(losses, weights)
         both = torch.cat([chosen, rejected]).detach()
         values = {
             "loss": losses.detach(),
@@ -90,8 +91,10 @@ class RewardModule(CausalLMModule):
             "reward": both,
             "reward_sq": both**2,
         }
+        pair_w = torch.ones_like(chosen) if weights is None else weights.to(chosen)
         for name, value in values.items():
-            self.metrics[f"{stage}_{name}"].update(value)
+            w = pair_w.repeat(value.numel() // pair_w.numel())  # rewards: chosen then rejected
+            self.metrics[f"{stage}_{name}"].update(value.flatten(), w)
         return loss
 
     def _log_epoch(self, stage: str) -> dict[str, float]:
@@ -104,7 +107,10 @@ class RewardModule(CausalLMModule):
             "reward_mean": m["reward"],
             "reward_std": std,
         }
-        self.log_dict({f"{stage}/{k}": v for k, v in out.items()}, prog_bar=stage == "val")
+        # compute() already reduced over ranks: every rank logs the same values
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in out.items()}, prog_bar=stage == "val", sync_dist=True
+        )
         for name in _STATS:
             self.metrics[f"{stage}_{name}"].reset()
         return {k: float(v) for k, v in out.items()}
@@ -173,8 +179,15 @@ class RewardModule(CausalLMModule):
         return {"reward": self.model(batch["input_ids"], batch["attention_mask"]).tolist()}
 
     def export(self, dirpath: str | Path) -> Path:
-        """Write the reward model (LoRA merged), tokenizer and ``reward_stats.json``."""
+        """Write the reward model (LoRA merged), tokenizer and ``reward_stats.json`` (global rank 0;
+        a sharded model is gathered first, so every rank calls this)."""
         if self.model is None:
             raise ValueError("export: the model is not built yet (call configure_model first)")
         self.model.stats = self.reward_stats
-        return self.model.save_pretrained(dirpath)
+        if not self.sharded:
+            return self.model.save_pretrained(dirpath) if self.global_rank == 0 else Path(dirpath)
+        state = full_state_dict(self.model)  # a collective: every rank gathers
+        if state is None:
+            return Path(dirpath)
+        inner = {k.removeprefix("model."): v for k, v in state.items()}
+        return self.model.save_pretrained(dirpath, inner)
