@@ -104,14 +104,17 @@ class ReferenceModule(CausalLMModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the :meth:`frozen_modules` out of the checkpoint's state dict."""
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict", {})
         for name in self.frozen_modules():
             for key in [k for k in state if k.startswith(f"{name}.")]:
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fill the frozen modules' weights in from the rebuilt ones, so loading stays strict."""
-        state = checkpoint["state_dict"]
+        """Fill the frozen modules' weights in from the rebuilt ones, so loading stays strict.
+        (A sharded checkpoint has loaded every module's shards already and has no state dict.)"""
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
         for name, module in self.frozen_modules().items():
             for key, value in module.state_dict().items():
                 state.setdefault(f"{name}.{key}", value)
