@@ -62,7 +62,8 @@ SCRIPT = textwrap.dedent(
             if state is not None and trainer.is_global_zero and isinstance(module, DPOModule):
                 torch.save(state, self.out / "gathered.pt")
             frozen = [m for m in (getattr(module, "reference", None),) if m is not None]
-            params = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+            groups = [g for o in trainer.optimizers for g in o.param_groups]
+            params = {id(p) for g in groups for p in g["params"]}
             self.row.update(
                 sharded=[is_sharded(m) for m in module.shardable_models()],
                 frozen_trainable=sum(p.requires_grad for m in frozen for p in m.parameters()),
