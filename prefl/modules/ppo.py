@@ -22,27 +22,25 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import PreTrainedTokenizerBase
 
 from prefl.callbacks.samples import resolve_reward_fn
-from prefl.functional import explained_variance, gae, masked_mean, whiten
+from prefl.functional import explained_variance, masked_mean
 from prefl.losses.advantages import ADVANTAGE_ESTIMATORS
 from prefl.models import CausalLMSpec, disable_dropout
 from prefl.models.reward import RewardModel
 from prefl.models.value import build_value_model
 from prefl.modules.kl_control import KLController
+from prefl.modules.ppo_rollout import PPORolloutMixin
 from prefl.modules.ppo_update import PPOUpdateMixin
 from prefl.modules.reference import ReferenceModule
 from prefl.modules.scoring import Scorer
 from prefl.rollout import (
     Responses,
     response_logprobs,
-    response_values,
-    sample_responses,
-    token_rewards,
 )
 
 Estimator = Literal["gae", "rloo", "grpo", "reinforce_baseline"]
 
 
-class PPOModule(PPOUpdateMixin, ReferenceModule):
+class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
     """PPO (or RLOO / GRPO / REINFORCE++-baseline) on ``prompts`` batches.
 
     Args:
@@ -85,6 +83,10 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
             this many rollouts; 0 = never.
         seed: Sampling seed; rollouts use (seed, epoch, batch, rank), so ranks differ and a
             resumed run samples what the uninterrupted one would have.
+        offload_frozen: Keep the frozen reference and reward models on the CPU between
+            rollouts, moving them to the accelerator only to score a rollout (saves their
+            memory during the update; costs two host-device copies per rollout). Not with a
+            sharded strategy (sharding already splits them).
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
         value_optimizer: OptimizerCallable = torch.optim.AdamW,
         log_samples_every: int = 10,
         seed: int = 0,
+        offload_frozen: bool = False,
     ) -> None:
         super().__init__(model, tokenizer, optimizer, None)
         if advantage_estimator != "gae" and advantage_estimator not in ADVANTAGE_ESTIMATORS:
@@ -206,66 +209,6 @@ class PPOModule(PPOUpdateMixin, ReferenceModule):
     def forward(self, responses: Responses) -> torch.Tensor:
         """Policy log-probs ``(N, R)`` of the responses (logits divided by the temperature)."""
         return response_logprobs(self.model, responses, self.cfg["temperature"])[0]
-
-    def rollout_seed(self, batch_idx: int) -> int:
-        """Sampling seed of this rollout: a function of (seed, epoch, batch, rank)."""
-        key = (self.cfg["seed"] * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx
-        return (key * 1009 + self.global_rank) % (2**63)
-
-    @torch.no_grad()
-    def rollout(self, batch: dict[str, Any], seed: int) -> dict[str, Any]:
-        """Sample, score and compute advantages for one batch of prompts (no gradients)."""
-        cfg, tok = self.cfg, self.resolve_tokenizer()
-        k, temperature = cfg["num_samples"], cfg["temperature"]
-        responses = sample_responses(
-            self.model,
-            batch["prompt_input_ids"],
-            batch["prompt_attention_mask"],
-            k=k,
-            temperature=temperature,
-            max_new_tokens=cfg["max_new_tokens"],
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            seed=seed,
-        )
-        weights = batch.get("sample_weight")  # data-parallel padding repeats weigh 0
-        weights = torch.ones(len(batch["prompt"])) if weights is None else weights
-        weights = weights.to(responses.response_mask.device).repeat_interleave(k)
-        mask = responses.response_mask.float() * weights[:, None]  # repeats: no loss, no stats
-        logprobs, _ = response_logprobs(self.model, responses, temperature)
-        with self.reference_context() as reference:
-            ref_logprobs, _ = response_logprobs(reference, responses, temperature)
-        prompts = [p for p in batch["prompt"] for _ in range(k)]
-        completions = tok.batch_decode(responses.response_ids, skip_special_tokens=True)
-        scores = self.scorer(responses, prompts, completions)
-        kl = (logprobs - ref_logprobs) * mask  # k1 per token: the sequence KL estimate
-        beta = self.kl_ctl.value
-        in_reward = cfg["kl_penalty"] == "reward"
-        rewards = token_rewards(scores["score"], kl, mask, beta if in_reward else 0.0)
-        values = returns = None
-        if self.uses_critic:
-            values = response_values(self.value_model, responses)
-            advantages, returns = gae(rewards, values, mask, cfg["gamma"], cfg["lam"])
-        else:
-            estimator = ADVANTAGE_ESTIMATORS[cfg["advantage_estimator"]]
-            advantages = estimator(rewards.sum(-1), k)[:, None] * mask
-        if cfg["whiten_advantages"]:
-            advantages = whiten(advantages, mask)
-        return {
-            "responses": responses,
-            "mask": mask,
-            "weights": weights,
-            "logprobs": logprobs,
-            "ref_logprobs": ref_logprobs,
-            "values": values,
-            "returns": returns,
-            "advantages": advantages,
-            "rewards": rewards,
-            "kl": kl,
-            "scores": scores,
-            "prompts": prompts,
-            "completions": completions,
-        }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One rollout and its PPO update; logs design §5.12's quantities."""
