@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from prefl.callbacks.samples import resolve_reward_fn
+from prefl.callbacks.samples import resolve_reward_fn, runs_on_this_rank
 from prefl.data import toy
 from prefl.eval import evaluate
 
@@ -65,13 +65,16 @@ class EvalCallback(Callback):
         return results
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        """Evaluate every ``every_n_steps`` batches (global rank zero)."""
+        """Evaluate every ``every_n_steps`` batches (global rank zero; every rank when the model
+        is sharded, since gathering it for generation is a collective)."""
         batches = trainer.fit_loop.total_batch_idx + 1
-        if self.every_n_steps and batches % self.every_n_steps == 0 and trainer.is_global_zero:
+        due = self.every_n_steps and batches % self.every_n_steps == 0
+        if due and runs_on_this_rank(trainer, pl_module):
             self.run(trainer, pl_module, batches)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Evaluate the final policy (global rank zero)."""
+        """Evaluate the final policy (global rank zero, or every rank when sharded)."""
         step = trainer.fit_loop.total_batch_idx + 1
-        if trainer.is_global_zero and not (self.history and self.history[-1][0] == step):
+        done = bool(self.history) and self.history[-1][0] == step
+        if runs_on_this_rank(trainer, pl_module) and not done:
             self.run(trainer, pl_module, step)

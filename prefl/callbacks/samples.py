@@ -141,8 +141,9 @@ class SampleReport(Callback):
         return out
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Sample, print the report and log it (global rank zero)."""
-        if not trainer.is_global_zero:
+        """Sample, print the report and log it (global rank zero; every rank samples when the
+        model is sharded, since gathering it for generation is a collective)."""
+        if not runs_on_this_rank(trainer, pl_module):
             return
         samples = self.sample(pl_module.model, pl_module.resolve_tokenizer())
         self.results = self.report(samples)
@@ -166,3 +167,10 @@ class SampleReport(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples", "\n\n".join(texts[:32]), trainer.global_step)
                 logger.experiment.flush()
+
+
+def runs_on_this_rank(trainer: Trainer, pl_module: LightningModule) -> bool:
+    """Generation-based callbacks run on global rank zero only, except with a sharded model: its
+    parameters are gathered for ``generate`` by every rank at once (loggers write on rank zero
+    whatever calls them)."""
+    return trainer.is_global_zero or bool(getattr(pl_module, "sharded", False))

@@ -12,6 +12,8 @@ and the same toy SFT export, once under plain DDP and once under
 * the final logged metrics, which must equal the DDP run's: sharding changes where the weights
   live, not the maths (for PPO that includes generation, where the ranks stop at different
   lengths: the policy is gathered once for ``generate``, so no collective is mismatched);
+* ``EvalCallback``'s final evaluation (generation on rank 0 under DDP; on every rank under
+  sharding, as gathering the policy is a collective): the same numbers in both runs;
 * the checkpoint (a folder of ``.distcp`` shards), a resumed run from it (one more step), and
   the Hugging Face export written from the gathered weights.
 """
@@ -39,7 +41,7 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch import Callback, Trainer, seed_everything
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from prefl import DPOModule, PPOModule, PreferenceDataModule, RewardModule
+    from prefl import DPOModule, EvalCallback, PPOModule, PreferenceDataModule, RewardModule
     from prefl.models.sharding import full_state_dict, is_sharded
 
     READS = []
@@ -115,7 +117,13 @@ SCRIPT = textwrap.dedent(
             enable_model_summary=False,
             callbacks=[Probe(out)],
         )
+        if kind == "dpo" and ckpt is None:  # generation-based evaluation at the end, too
+            evaluation = EvalCallback(prompts=["the film was"] * 3, num_samples=2, max_new_tokens=5)
+            trainer.callbacks.append(evaluation)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        if kind == "dpo" and ckpt is None and evaluation.history:
+            row = {"rank": trainer.global_rank, "eval": evaluation.history[-1][1]}
+            (out / f"eval{trainer.global_rank}.json").write_text(json.dumps(row))
         return module, trainer
 
 
@@ -213,3 +221,16 @@ def test_sharded_checkpoint_resumes_and_exports(sharded_runs):
     name = "model.layers.0.mlp.down_proj.weight"
     assert trained[name].shape == start[name].shape
     assert not torch.equal(trained[name], start[name])
+
+
+def test_generation_callbacks_run_under_sharding(sharded_runs):
+    """``EvalCallback`` evaluates on rank 0 under DDP and on both ranks under sharding (no hang),
+    with the same results: the sharded policy gathered for generation is the DDP policy."""
+    run = sharded_runs / "dpo"
+    assert not (run / "ddp" / "eval1.json").exists()
+    ddp = json.loads((run / "ddp" / "eval0.json").read_text())["eval"]
+    for rank in (0, 1):
+        fsdp = json.loads((run / "fsdp" / f"eval{rank}.json").read_text())["eval"]
+        assert fsdp.keys() == ddp.keys()
+        for name, value in ddp.items():
+            assert fsdp[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
