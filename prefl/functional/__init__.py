@@ -33,6 +33,7 @@ from prefl.functional.logps import (
 from prefl.functional.masked import (
     explained_variance,
     global_weighted_mean,
+    global_whiten,
     masked_mean,
     masked_sum,
     masked_var,
@@ -46,6 +47,7 @@ __all__ = [
     "explained_variance",
     "gae",
     "global_weighted_mean",
+    "global_whiten",
     "kl_penalty",
     "masked_mean",
     "masked_sum",

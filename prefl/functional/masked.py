@@ -141,3 +141,29 @@ def global_weighted_mean(values: torch.Tensor, weights: torch.Tensor | None = No
         total = total.clone()
         torch.distributed.all_reduce(total)
     return (values * weights).sum() * world / total.clamp(min=torch.finfo(values.dtype).tiny)
+
+
+def global_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """:func:`whiten` with the mean and biased variance taken over the valid elements of every
+    data-parallel rank (one ``all_reduce`` of three sums), so a rollout sharded over ranks is
+    normalised as one batch would be. Without ``torch.distributed`` it equals :func:`whiten`.
+    A collective when ``torch.distributed`` is initialised: every rank must call it.
+
+    Args:
+        values: ``(B, T)`` (or any shape) tensor, e.g. per-token advantages.
+        mask: Bool or 0/1 tensor broadcastable to ``values`` (1 = valid).
+        eps: Added to the variance before the square root.
+
+    Returns:
+        A tensor shaped like ``values``, 0 where ``mask`` is 0.
+    """
+    valid = mask.bool().expand_as(values)
+    values = values.masked_fill(~valid, 0)
+    sums = torch.stack([values.sum(), (values**2).sum(), valid.sum().to(values.dtype)]).double()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    count = sums[2].clamp(min=1)
+    mean = sums[0] / count
+    var = (sums[1] / count - mean**2).clamp(min=0)
+    whitened = (values - mean.to(values.dtype)) * torch.rsqrt(var.to(values.dtype) + eps)
+    return whitened.masked_fill(~valid, 0)

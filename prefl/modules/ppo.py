@@ -69,7 +69,8 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
         no_eos_score: Score of responses that never emit EOS; None = no penalty.
         gamma: GAE discount γ.
         lam: GAE λ.
-        whiten_advantages: Whiten advantages over the valid tokens of the rollout.
+        whiten_advantages: Whiten advantages over the valid tokens of the rollout (of every
+            data-parallel rank together, as one batch would be).
         ppo_epochs: Passes over each rollout.
         mini_batch_size: Responses per optimizer step; None = the whole rollout.
         micro_batch_size: Responses per forward/backward inside a minibatch (gradient

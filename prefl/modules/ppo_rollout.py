@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from prefl.functional import gae, whiten
+from prefl.functional import gae, global_whiten
 from prefl.losses.advantages import ADVANTAGE_ESTIMATORS
 from prefl.rollout import (
     response_logprobs,
@@ -111,7 +111,7 @@ class PPORolloutMixin:
             estimator = ADVANTAGE_ESTIMATORS[cfg["advantage_estimator"]]
             advantages = estimator(rewards.sum(-1), k)[:, None] * mask
         if cfg["whiten_advantages"]:
-            advantages = whiten(advantages, mask)
+            advantages = global_whiten(advantages, mask)  # over every rank's rollout
         return {
             "responses": responses,
             "mask": mask,

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from prefl.functional import next_token_targets
+from prefl.functional import global_weighted_mean, next_token_targets
 from prefl.losses import sft_loss
 from prefl.models import CausalLMSpec
 from prefl.modules.base import CausalLMModule
@@ -53,11 +53,14 @@ class SFTModule(CausalLMModule):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
         labels, mask = next_token_targets(batch["input_ids"], batch["loss_mask"])
+        if "sample_weight" in batch:  # data-parallel padding repeats: no tokens
+            mask = mask * (batch["sample_weight"][:, None] > 0).to(mask.dtype)
         loss, n_tokens, correct = sft_loss(logits, labels, mask)
         weight = n_tokens.float()
         self.metrics[f"{stage}_nll"](loss.detach(), weight)
         self.metrics[f"{stage}_accuracy"](correct.float() / weight.clamp(min=1), weight)
-        return loss
+        # this rank's share of the token mean over every rank (DDP averages the gradients)
+        return global_weighted_mean(loss.reshape(1), weight.reshape(1))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One step's loss; logs ``train/loss`` and ``train/token_accuracy`` (step and epoch)."""
