@@ -5,9 +5,10 @@ Why: the toy pipeline proves the methods on a CPU; this proves the GPU path a cl
 hook is where prefl applies ``fully_shard``) on a ~0.5B-parameter random-init Llama, and measures
 what it costs: tokens/s, peak GPU memory and model FLOPs utilisation (MFU) per stage.
 
-Model: Llama, hidden 1024, 24 layers, MLP 4096, 16 heads, untied 32k embeddings (the parameter
-count is printed). Tokenizer: an offline word-level vocabulary of 32k (the toy task's words plus
-fillers). Data: the toy task's rows joined until each nearly fills ``--seq`` tokens.
+Model: Llama, hidden 1024, 24 layers, MLP 4096, 16 heads, untied 32k embeddings: 468M
+parameters, 435M outside the input embeddings (both printed). Tokenizer: an offline word-level
+vocabulary of 32k (the toy task's words plus fillers). Data: the toy task's rows joined until
+each nearly fills ``--seq`` tokens.
 
 Counting: *tokens* are every position of the training batches (chosen and rejected both for
 pairs); "incl. padding" counts padded positions, "excl. padding" only attention-mask ones. MFU
@@ -56,6 +57,12 @@ TINY = {
     "num_key_value_heads": 4,
 }
 # dense bf16 FLOP/s, first match in the device name wins (PCIe before SXM)
+MFU_COUNTS = {
+    "dpo": "MFU counts 8N FLOPs per token: policy forward+backward (6N) + reference forward (2N)",
+    "reward": "MFU counts 6N FLOPs per token (forward+backward)",
+    "ppo": "MFU counts per token of prompt+response: generation 2N (prefill and decode), scoring "
+    "4N (policy and reference forwards), update 6N per PPO epoch; whole step = the sum",
+}
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -159,9 +166,11 @@ def run_stage(stage: str, args, tokenizer, spec) -> dict:
             log_samples_every=0,
         )
     timer, ppo_log = StepTimer(), []
-    if args.device == "cuda":
+    cuda = args.device == "cuda"
+    if cuda:  # what earlier stages left allocated is reported, and is part of the peak
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() / 2**30 if cuda else None
     start = time.perf_counter()
     run = trainer(args, [timer])
     with time_ppo_phases(module, ppo_log) if stage == "ppo" else nullcontext():
@@ -173,9 +182,9 @@ def run_stage(stage: str, args, tokenizer, spec) -> dict:
         "fully_sharded": any(isinstance(p, DTensor) for p in module.model.parameters()),
         "param_dtype": str(next(module.model.parameters()).dtype).replace("torch.", ""),
         "wall_seconds": time.perf_counter() - start,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30
-        if args.device == "cuda"
-        else None,
+        "memory_at_start_gib": baseline,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "mfu_counts": MFU_COUNTS[stage],
     }
     peak = peak_flops(args)
     mfu = lambda flops, seconds: flops / seconds / peak if peak else None  # noqa: E731
@@ -185,26 +194,20 @@ def run_stage(stage: str, args, tokenizer, spec) -> dict:
         r["mfu"] = mfu(factor * n * r["tokens_per_s_incl_padding"], 1.0)
         out["phases"] = {"train step": r}
         return out
-    w = args.warmup
-    gen = rates(ppo_log, w, "generation", "generated_padded", "generated")
-    gen["mfu"] = mfu(
-        2 * n * sum(s["sequence_padded"] for s in ppo_log[w:] or ppo_log),
-        sum(s["generation"] for s in ppo_log[w:] or ppo_log),
-    )
-    score = rates(ppo_log, w, "scoring", "sequence_padded", "sequence")
-    score["mfu"] = mfu(4 * n * score["tokens_per_s_incl_padding"], 1.0)
-    epochs = module.cfg["ppo_epochs"]
+    w, epochs = args.warmup, module.cfg["ppo_epochs"]
     for s in ppo_log:
         s["update_padded"], s["update_real"] = epochs * s["sequence_padded"], epochs * s["sequence"]
         s["step"] = s["rollout"] + s["update"]
-    upd = rates(ppo_log, w, "update", "update_padded", "update_real")
-    upd["mfu"] = mfu(6 * n * upd["tokens_per_s_incl_padding"], 1.0)
     kept = ppo_log[w:] or ppo_log
-    flops = sum(
-        2 * n * s["sequence_padded"] + (4 + 6 * epochs) * n * s["sequence_padded"] for s in kept
-    )
+    total = lambda key: sum(s[key] for s in kept)  # noqa: E731
+    gen = rates(ppo_log, w, "generation", "generated_padded", "generated")
+    gen["mfu"] = mfu(2 * n * total("sequence_padded"), total("generation"))
+    score = rates(ppo_log, w, "scoring", "sequence_padded", "sequence")
+    score["mfu"] = mfu(4 * n * total("sequence_padded"), total("scoring"))
+    upd = rates(ppo_log, w, "update", "update_padded", "update_real")
+    upd["mfu"] = mfu(6 * n * total("update_padded"), total("update"))
     whole = rates(ppo_log, w, "step", "sequence_padded", "sequence")
-    whole["mfu"] = mfu(flops, sum(s["step"] for s in kept))
+    whole["mfu"] = mfu((6 + 6 * epochs) * n * total("sequence_padded"), total("step"))
     out["phases"] = {"generation": gen, "scoring": score, "update": upd, "whole step": whole}
     return out
 
@@ -216,6 +219,7 @@ def table(stage: str, result: dict) -> str:
         f"({result['matmul_params'] / 1e6:.1f}M in matmuls), "
         f"{result['param_dtype']} weights, fully_shard applied: {result['fully_sharded']}, "
         f"peak memory {'n/a' if mem is None else f'{mem:.2f} GiB'}"
+        + ("" if mem is None else f" ({result['memory_at_start_gib']:.2f} GiB at start)")
     )
     lines = [
         head,
@@ -230,6 +234,7 @@ def table(stage: str, result: dict) -> str:
             f"{r['tokens_per_s_incl_padding']:,.0f} | "
             f"{r['tokens_per_s_excl_padding']:,.0f} | {mfu} |"
         )
+    lines += ["", result["mfu_counts"] + "; N excludes the input embeddings."]
     return "\n".join(lines)
 
 
@@ -242,7 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer, spec = build_tokenizer(args.vocab), model_spec(args)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+        "device": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"CPU ({platform.machine()})",
         "torch": torch.__version__,
         "strategy": "ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)",
         "peak_flops": peak_flops(args),
@@ -251,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(
         f"gpu_check on {report['device']}: {args.precision}, vocab {len(tokenizer)}, "
-        f"batch {args.batch}, seq {args.seq}, {args.steps} steps per stage"
+        f"batch {args.batch}, seq {args.seq}, {args.steps} steps per stage, peak "
+        + (f"{report['peak_flops'] / 1e12:.0f} TFLOP/s" if report["peak_flops"] else "unknown")
     )
     for stage in args.stages.split(","):
         result = run_stage(stage, args, tokenizer, spec)

@@ -124,17 +124,16 @@ class StepTimer(Callback):
 @contextmanager
 def time_ppo_phases(module: Any, log: list[dict[str, float]]):
     """Time PPO's phases on ``module`` (a :class:`prefl.PPOModule`), appending one record per
-    rollout to ``log``: generation (``sample_responses``), scoring (the rest of ``rollout``: policy
-    and reference log-prob forwards, rewards) and update (``ppo_update``), with token counts.
+    rollout to ``log``: generation (the policy's ``generate`` calls), scoring (the rest of
+    ``rollout``: policy and reference log-prob forwards, rewards, advantages) and update
+    (``ppo_update``), with token counts.
 
-    It wraps the instance's ``rollout`` and ``ppo_update`` and, for the duration, the module-level
-    ``sample_responses`` that ``prefl.modules.ppo`` calls; everything is restored on exit.
+    It wraps the instance's ``rollout`` and ``ppo_update`` and the policy's ``generate`` (instance
+    attributes that shadow the methods); all three are removed again on exit.
     """
-    import prefl.modules.ppo as ppo_mod
-
-    original_sample, original_rollout = ppo_mod.sample_responses, module.rollout
-    original_update = module.ppo_update
+    original_rollout, original_update = module.rollout, module.ppo_update
     record: dict[str, float] = {}
+    wrapped: list[torch.nn.Module] = []  # the policy, once built (configure_model) and wrapped
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
@@ -148,26 +147,29 @@ def time_ppo_phases(module: Any, log: list[dict[str, float]]):
         return wrapper
 
     def rollout(batch, seed):
+        if not wrapped:
+            policy = module.model
+            policy.generate = timed(policy.generate, "generation")
+            wrapped.append(policy)
         record.clear()
         r = timed(original_rollout, "rollout")(batch, seed)
         resp = r["responses"]
         record["generated_padded"] = float(resp.response_ids.numel())
         record["generated"] = float(resp.response_mask.sum().item())
-        record["prompt_padded"] = float(resp.query_ids.numel())
         record["sequence_padded"] = float(resp.query_ids.numel() + resp.response_ids.numel())
         record["sequence"] = float(resp.query_mask.sum().item() + resp.response_mask.sum().item())
         return r
 
     def update(r, seed):
         out = timed(original_update, "update")(r, seed)
-        record["scoring"] = record["rollout"] - record["generation"]
+        record["scoring"] = record["rollout"] - record.get("generation", 0.0)
         log.append(dict(record))
         return out
 
-    ppo_mod.sample_responses = timed(original_sample, "generation")
     module.rollout, module.ppo_update = rollout, update
     try:
         yield log
     finally:
-        ppo_mod.sample_responses = original_sample
         del module.rollout, module.ppo_update
+        for policy in wrapped:
+            del policy.generate

@@ -14,7 +14,9 @@ import yaml
 from prefl.cli import PreflCLI, build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(ROOT.joinpath("configs").rglob("*.yaml"))
+# configs/cluster/* are trainer-only overlays, parsed with every stage config in
+# tests/test_cluster_configs.py
+CONFIGS = sorted(p for p in ROOT.joinpath("configs").rglob("*.yaml") if p.parent.name != "cluster")
 
 
 class ParseOnly(PreflCLI):

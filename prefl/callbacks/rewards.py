@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional import spearman_corrcoef
 
-from prefl.callbacks.samples import resolve_reward_fn
+from prefl.callbacks.samples import resolve_reward_fn, runs_on_this_rank
 from prefl.data import toy
 
 
@@ -80,8 +80,9 @@ class RewardReport(Callback):
         self.results: dict[str, float] = {}
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Score held-out completions, print and log the report (global rank zero)."""
-        if not trainer.is_global_zero:
+        """Score held-out completions, print and log the report (global rank zero; every rank
+        scores when the model is sharded, since its forwards are collectives)."""
+        if not runs_on_this_rank(trainer, pl_module):
             return
         rows = toy.sft_rows(self.num_completions, seed=self.seed, held_out=True)
         prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import PreTrainedTokenizerBase
 
 from prefl.callbacks.samples import resolve_reward_fn
-from prefl.functional import explained_variance, masked_mean
+from prefl.functional import explained_variance
 from prefl.losses.advantages import ADVANTAGE_ESTIMATORS
 from prefl.models import CausalLMSpec, disable_dropout
 from prefl.models.reward import RewardModel
@@ -232,13 +232,17 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
             k: self.trainer.strategy.reduce((v.float() * weights).sum(), reduce_op="sum") / real
             for k, v in per_response.items()
         }
+        tokens = self.trainer.strategy.reduce(mask.sum(), reduce_op="sum")
+        per_token = {"ppo/advantage_mean": r["advantages"]}
+        if self.uses_critic:
+            per_token["ppo/value_mean"] = r["values"]
+        for k, v in per_token.items():  # global token means
+            exact[k] = self.trainer.strategy.reduce((v * mask).sum(), reduce_op="sum") / tokens
         per_rank = {
             "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
-            "ppo/advantage_mean": masked_mean(r["advantages"], mask),
             **{f"ppo/{k}": torch.tensor(v) for k, v in stats.items()},
         }
         if self.uses_critic:
-            per_rank["ppo/value_mean"] = masked_mean(r["values"], mask)
             per_rank["ppo/explained_variance"] = explained_variance(r["values"], r["returns"], mask)
         n = int(real)
         log = {"on_step": True, "on_epoch": False, "batch_size": n, "prog_bar": False}
