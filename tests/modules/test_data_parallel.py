@@ -30,7 +30,8 @@ tokens, under ``torch.manual_seed(f(prompt tokens, copy index))`` (a prompt's ``
 consecutive: copy index = row % k), then cut by an EOS at a position drawn from the same seed
 (mixed lengths exercise the masks) and right-padded to ``max_new_tokens``. Both runs then score
 the same responses. Advantages are whitened (the default) with statistics over every rank's
-rollout (``global_whiten``), as one batch would be. RLOO works within a prompt's group, the padding repeat's responses get mask 0 (no loss, no statistics),
+rollout (``global_whiten``), as one batch would be. RLOO works within a prompt's group, the
+padding repeat's responses get mask 0 (no loss, no statistics),
 and the loss token means are global, so both policy gradients and the exact global means logged
 (``ppo/score``, ``ppo/kl``, ...) must agree. The second rollout follows one SGD step, so its KL
 to the reference is non-zero.
