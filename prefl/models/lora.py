@@ -68,8 +68,9 @@ def apply_lora(
 
 
 def is_lora(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a ``peft`` model (without importing peft when it is absent)."""
-    return type(model).__module__.startswith("peft.")
+    """Whether ``model`` is a ``peft`` model (without importing peft when it is absent); FSDP2's
+    ``fully_shard`` swaps in a subclass, so the whole class hierarchy is looked at."""
+    return any(cls.__module__.startswith("peft.") for cls in type(model).__mro__)
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:

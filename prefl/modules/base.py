@@ -132,7 +132,7 @@ class CausalLMModule(LightningModule):
         """Write the model (LoRA merged) and tokenizer as a Hugging Face directory (safetensors).
 
         A sharded model is gathered first, so every rank must call this; only global rank 0
-        writes.
+        writes (with LoRA it rebuilds an unsharded copy on the CPU to merge the adapters into).
 
         Args:
             dirpath: Target directory, created if needed.
@@ -150,11 +150,16 @@ class CausalLMModule(LightningModule):
                 merge_lora(self.model).save_pretrained(out, safe_serialization=True)
                 self.resolve_tokenizer().save_pretrained(out)
             return out
-        if is_lora(self.model):
-            raise ValueError("export: merging LoRA adapters of a sharded model is not supported")
-        state = full_state_dict(self.model)
-        if state is not None:
-            out.mkdir(parents=True, exist_ok=True)
+        state = full_state_dict(self.model)  # a collective: every rank gathers
+        if state is None:
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        if is_lora(self.model):  # merge on an unsharded copy that rank 0 rebuilds
+            with torch.device("cpu"):
+                copy = build_causal_lm(self.model_spec, self.resolve_tokenizer())
+            copy.load_state_dict(state)
+            merge_lora(copy).save_pretrained(out, safe_serialization=True)
+        else:
             self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
-            self.resolve_tokenizer().save_pretrained(out)
+        self.resolve_tokenizer().save_pretrained(out)
         return out

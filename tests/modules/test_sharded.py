@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch import Callback, Trainer, seed_everything
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from prefl import DPOModule, EvalCallback, PPOModule, PreferenceDataModule, RewardModule
+    from prefl import CausalLMSpec, DPOModule, EvalCallback, LoraSpec, PPOModule
+    from prefl import PreferenceDataModule, RewardModule
     from prefl.models.sharding import full_state_dict, is_sharded
 
     READS = []
@@ -82,6 +83,8 @@ SCRIPT = textwrap.dedent(
     def build(kind, sft):
         if kind == "dpo":
             return DPOModule(sft), "pairs"
+        if kind == "dpo_lora":
+            return DPOModule(CausalLMSpec(name_or_path=sft, lora=LoraSpec(r=4))), "pairs"
         if kind == "reward":
             return RewardModule(sft), "pairs"
         module = PPOModule(
@@ -132,6 +135,8 @@ SCRIPT = textwrap.dedent(
         for kind in kinds:
             run(out / kind / "ddp", sft, kind, sharded=False)
             module, trainer = run(out / kind / "fsdp", sft, kind, sharded=True)
+            if kind == "dpo_lora":
+                module.export(out / kind / "export")
             if kind == "dpo":
                 module.export(out / kind / "export")
                 ckpt = trainer.checkpoint_callback.best_model_path
@@ -143,7 +148,7 @@ SCRIPT = textwrap.dedent(
     """
 )
 
-KINDS = ("dpo", "reward", "ppo")
+KINDS = ("dpo", "dpo_lora", "reward", "ppo")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +183,9 @@ def test_only_rank_zero_reads_weights(sharded_runs, kind, sft_dir):
 def test_every_model_is_sharded_and_frozen_ones_stay_frozen(sharded_runs, kind):
     """Policy, reference, reward and value models are all FSDP2 roots; the reference has no
     trainable parameter and none of its parameters is in an optimizer."""
-    expected = {"dpo": 2, "reward": 1, "ppo": 3}[kind]  # ppo: policy, reference, value model
+    # dpo: policy and reference; dpo_lora: the policy (its reference: adapters disabled);
+    # ppo: policy, reference and value model
+    expected = {"dpo": 2, "dpo_lora": 1, "reward": 1, "ppo": 3}[kind]
     for row in _rows(sharded_runs, kind, "fsdp"):
         assert row["sharded"] == [True] * expected
         assert row["frozen_trainable"] == 0
@@ -234,3 +241,18 @@ def test_generation_callbacks_run_under_sharding(sharded_runs):
         assert fsdp.keys() == ddp.keys()
         for name, value in ddp.items():
             assert fsdp[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+def test_sharded_lora_exports_merged_weights(sharded_runs, sft_dir):
+    """LoRA under sharding: the export is the base with the trained adapters merged (rank 0
+    rebuilds an unsharded copy to merge into), so it differs from the SFT weights exactly in
+    the adapted linear layers (``all-linear``: the attention and MLP projections)."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(sharded_runs / "dpo_lora" / "export")
+    base = load_file(str(Path(sft_dir) / "model.safetensors"))
+    state = merged.state_dict()
+    changed = {k for k, v in base.items() if k in state and not torch.equal(state[k], v)}
+    assert changed and all(k.endswith("_proj.weight") for k in changed), changed
+    assert "model.embed_tokens.weight" not in changed
+    assert not any("lora" in k for k in state)
