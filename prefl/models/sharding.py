@@ -73,7 +73,8 @@ def data_parallel_mesh(mesh: object) -> object:
 
 
 def shard_model(model: torch.nn.Module, mesh: object) -> torch.nn.Module:
-    """``fully_shard`` every decoder layer of ``model`` and then ``model`` itself (in place).
+    """``fully_shard`` every decoder layer of ``model`` and then ``model`` itself (in place); a
+    frozen model's root is resharded after each forward too.
 
     Args:
         model: A Hugging Face model or a wrapper around one, on CPU, its device or ``meta``.
@@ -89,7 +90,10 @@ def shard_model(model: torch.nn.Module, mesh: object) -> torch.nn.Module:
         raise ValueError(f"{type(model).__name__}: no `_no_split_modules` layers to shard")
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # FSDP2 keeps a root's parameters gathered after forward, for the backward that follows; a
+    # frozen model has no backward, so its root is resharded like every layer
+    frozen = not any(p.requires_grad for p in model.parameters())
+    fully_shard(model, mesh=mesh, reshard_after_forward=True if frozen else None)
     return model
 
 
@@ -160,8 +164,8 @@ def gathered_params(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             yield model
         finally:
             for m in fsdp2:
-                m.reshard()
-                m.set_reshard_after_forward(True, recurse=False)
+                m.reshard()  # the root keeps FSDP2's default: gathered from forward to backward
+                m.set_reshard_after_forward(m is not model, recurse=False)
         return
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         with FullyShardedDataParallel.summon_full_params(model, writeback=False):

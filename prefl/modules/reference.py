@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from prefl.models import build_causal_lm, disable_dropout, is_lora
 from prefl.modules.base import CausalLMModule
@@ -86,6 +87,13 @@ class ReferenceModule(CausalLMModule):
         alpha = self.ref_mixup_alpha
         with torch.no_grad():
             for ref, pol in zip(self.reference.parameters(), self.model.parameters(), strict=True):
+                if isinstance(ref, DTensor) != isinstance(pol, DTensor):
+                    raise RuntimeError(
+                        f"TR-DPO sync: {type(ref).__name__} reference parameter against a "
+                        f"{type(pol).__name__} policy parameter"
+                    )
+                if isinstance(ref, DTensor):  # sharded alike: mix the local shards
+                    ref, pol = ref.to_local(), pol.to_local()
                 ref.mul_(1.0 - alpha).add_(pol.detach().to(ref.dtype), alpha=alpha)
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:

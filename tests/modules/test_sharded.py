@@ -1,5 +1,9 @@
 """DPO, reward and PPO sharded with FSDP2 (Lightning's ``ModelParallelStrategy``) on 2 CPU ranks.
 
+Five kinds of run: DPO, DPO with TR-DPO reference syncing (local shards of the policy mixed into
+the reference's), LoRA DPO (the reference is the sharded policy with adapters disabled), the
+reward model, and PPO with GAE (policy, reference and value model).
+
 A script written to ``tmp_path`` trains each module for 3 optimizer steps twice from the same seed
 and the same toy SFT export, once under plain DDP and once under
 ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` (gloo), and records:
@@ -83,6 +87,8 @@ SCRIPT = textwrap.dedent(
     def build(kind, sft):
         if kind == "dpo":
             return DPOModule(sft), "pairs"
+        if kind == "dpo_trdpo":  # the reference moves: alpha * policy + (1 - alpha) * ref
+            return DPOModule(sft, ref_sync_every=1), "pairs"
         if kind == "dpo_lora":
             return DPOModule(CausalLMSpec(name_or_path=sft, lora=LoraSpec(r=4))), "pairs"
         if kind == "reward":
@@ -148,7 +154,7 @@ SCRIPT = textwrap.dedent(
     """
 )
 
-KINDS = ("dpo", "dpo_lora", "reward", "ppo")
+KINDS = ("dpo", "dpo_trdpo", "dpo_lora", "reward", "ppo")
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +191,7 @@ def test_every_model_is_sharded_and_frozen_ones_stay_frozen(sharded_runs, kind):
     trainable parameter and none of its parameters is in an optimizer."""
     # dpo: policy and reference; dpo_lora: the policy (its reference: adapters disabled);
     # ppo: policy, reference and value model
-    expected = {"dpo": 2, "dpo_lora": 1, "reward": 1, "ppo": 3}[kind]
+    expected = {"dpo": 2, "dpo_trdpo": 2, "dpo_lora": 1, "reward": 1, "ppo": 3}[kind]
     for row in _rows(sharded_runs, kind, "fsdp"):
         assert row["sharded"] == [True] * expected
         assert row["frozen_trainable"] == 0
