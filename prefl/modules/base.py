@@ -26,10 +26,11 @@ from prefl.models.sharding import (
     full_state_dict,
     is_sharded,
 )
+from prefl.modules.guard import NonFiniteGuardMixin
 from prefl.modules.schedules import WarmupCosineLR
 
 
-class CausalLMModule(LightningModule):
+class CausalLMModule(NonFiniteGuardMixin, LightningModule):
     """Base class: a causal LM, its tokenizer and its optimizer.
 
     Args:
@@ -39,6 +40,9 @@ class CausalLMModule(LightningModule):
         optimizer: Builds the optimizer from the trainable parameters.
         lr_scheduler: Builds a learning-rate scheduler from the optimizer; it steps after every
             optimizer step. None = constant learning rate.
+        max_nonfinite_steps: Optimizer steps with a NaN/inf loss or gradient are skipped
+            (counted in ``train/nonfinite_steps``); this many in a row stop the run with
+            :class:`~prefl.modules.guard.NonFiniteError`.
     """
 
     def __init__(
@@ -47,9 +51,13 @@ class CausalLMModule(LightningModule):
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "optimizer", "lr_scheduler"])
+        if max_nonfinite_steps < 0:
+            raise ValueError(f"model.max_nonfinite_steps={max_nonfinite_steps}; expected >= 0")
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.model_spec = model
         self.tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler

@@ -67,6 +67,8 @@ class DPOModule(ReferenceModule):
         optimizer: Builds the optimizer from the trainable parameters.
         lr_scheduler: Builds the scheduler; default linear warmup (10%) then cosine decay over the
             run. It steps after every optimizer step.
+        max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
+            are skipped before the run stops (see :mod:`prefl.modules.guard`).
     """
 
     def __init__(
@@ -85,8 +87,9 @@ class DPOModule(ReferenceModule):
         ref_mixup_alpha: float = 0.6,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
+        max_nonfinite_steps: int = 10,
     ) -> None:
-        super().__init__(model, tokenizer, optimizer, lr_scheduler)
+        super().__init__(model, tokenizer, optimizer, lr_scheduler, max_nonfinite_steps)
         self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         unknown = [t for t in self.loss_types if t not in DPO_LOSSES]
         if unknown or not self.loss_types:

@@ -88,6 +88,8 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
             rollouts, moving them to the accelerator only to score a rollout (saves their
             memory during the update; costs two host-device copies per rollout). Not with a
             sharded strategy (sharding already splits them).
+        max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
+            are skipped before the run stops (see :mod:`prefl.modules.guard`).
     """
 
     def __init__(
@@ -123,8 +125,9 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
         log_samples_every: int = 10,
         seed: int = 0,
         offload_frozen: bool = False,
+        max_nonfinite_steps: int = 10,
     ) -> None:
-        super().__init__(model, tokenizer, optimizer, None)
+        super().__init__(model, tokenizer, optimizer, None, max_nonfinite_steps)
         if advantage_estimator != "gae" and advantage_estimator not in ADVANTAGE_ESTIMATORS:
             raise ValueError(
                 f"model.advantage_estimator={advantage_estimator!r}; expected gae "

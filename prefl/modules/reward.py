@@ -46,6 +46,8 @@ class RewardModule(CausalLMModule):
         center_rewards_coefficient: λ of the reward-centering term ``λ·mean((r_c + r_r)²)``.
         optimizer: Builds the optimizer from the trainable parameters.
         lr_scheduler: Builds the scheduler; default linear warmup (10%) then cosine decay.
+        max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
+            are skipped before the run stops (see :mod:`prefl.modules.guard`).
     """
 
     def __init__(
@@ -55,8 +57,9 @@ class RewardModule(CausalLMModule):
         center_rewards_coefficient: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
+        max_nonfinite_steps: int = 10,
     ) -> None:
-        super().__init__(model, tokenizer, optimizer, lr_scheduler)
+        super().__init__(model, tokenizer, optimizer, lr_scheduler, max_nonfinite_steps)
         self.center_rewards_coefficient = center_rewards_coefficient
         self.reward_stats: dict[str, float] | None = None
         self.metrics = torch.nn.ModuleDict(

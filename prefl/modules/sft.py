@@ -28,6 +28,8 @@ class SFTModule(CausalLMModule):
         tokenizer: The tokenizer; None = the data module's (the CLI links them).
         optimizer: Builds the optimizer from the trainable parameters.
         lr_scheduler: Optional scheduler, stepped after every optimizer step.
+        max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
+            are skipped before the run stops (see :mod:`prefl.modules.guard`).
     """
 
     def __init__(
@@ -36,8 +38,9 @@ class SFTModule(CausalLMModule):
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        max_nonfinite_steps: int = 10,
     ) -> None:
-        super().__init__(model, tokenizer, optimizer, lr_scheduler)
+        super().__init__(model, tokenizer, optimizer, lr_scheduler, max_nonfinite_steps)
         self.metrics = torch.nn.ModuleDict(
             {
                 f"{stage}_{name}": MeanMetric()
