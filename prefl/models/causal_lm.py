@@ -64,6 +64,8 @@ class CausalLMSpec:
     lora: LoraSpec | None = field(default=None)
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # read back from a checkpoint's plain hyperparameters
+            self.lora = LoraSpec(**self.lora)
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError("CausalLMSpec: set exactly one of `name_or_path` and `config`")
         if self.dtype is not None and self.dtype != "auto" and self.dtype not in _DTYPES:

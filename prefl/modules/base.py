@@ -10,6 +10,7 @@ Face directory that the next stage loads by path.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
     """Base class: a causal LM, its tokenizer and its optimizer.
 
     Args:
-        model: The causal LM: a :class:`~prefl.models.CausalLMSpec`, or a hub id / local path.
+        model: The causal LM: a :class:`~prefl.models.CausalLMSpec` (or its fields as a dict),
+            or a hub id / local path.
         tokenizer: The tokenizer (``"toy"``, hub id, path or instance). None = the Trainer's
             data module's tokenizer (the CLI links the two, so they always agree).
         optimizer: Builds the optimizer from the trainable parameters.
@@ -54,7 +56,11 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
         max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
+        if isinstance(model, dict):  # hyperparameters read back from a checkpoint
+            model = CausalLMSpec(**model)
         self.save_hyperparameters(ignore=["tokenizer", "optimizer", "lr_scheduler"])
+        if dataclasses.is_dataclass(model):  # plain types only: checkpoints load weights_only
+            self.hparams["model"] = dataclasses.asdict(model)
         if max_nonfinite_steps < 0:
             raise ValueError(f"model.max_nonfinite_steps={max_nonfinite_steps}; expected >= 0")
         self.max_nonfinite_steps = max_nonfinite_steps
