@@ -7,8 +7,8 @@ is summed over ranks, so every rank decides the same (under FSDP each rank only 
 gradient shard). A bad step is skipped: its gradients are dropped (``zero_grad(set_to_none=True)``,
 so the optimizer leaves every parameter and its state untouched), ``train/nonfinite_steps``
 counts it, and a warning names the step and batch. A skipped step still counts in Lightning's
-``global_step`` (and the learning-rate schedule advances), as with fp16's gradient scaler. After ``max_nonfinite_steps`` consecutive bad
-steps the run stops with :class:`NonFiniteError`.
+``global_step`` (and the learning-rate schedule advances), as with fp16's gradient scaler.
+After ``max_nonfinite_steps`` consecutive bad steps the run stops with :class:`NonFiniteError`.
 """
 
 from __future__ import annotations
