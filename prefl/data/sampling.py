@@ -7,6 +7,11 @@ same way but marks each repeat (index ``i + len(dataset)``); :class:`MarkedDatas
 mark into ``sample_weight`` 0 (real rows get 1), which the collator passes on as a ``(B,)``
 tensor. Losses are then global weighted means (:func:`prefl.functional.global_weighted_mean`)
 and metrics weighted means, so the padding changes neither.
+
+:class:`TrainPosition` makes the training data resumable: the data module counts the batches
+that reach the model in each epoch and saves the count in checkpoints; a run resumed mid-epoch
+skips that many batches of the (seeded, hence identical) order instead of starting the epoch
+again.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from torch.utils.data import Dataset, DistributedSampler
 
 
 class WeightedDistributedSampler(DistributedSampler):
-    """A ``DistributedSampler`` (same shuffle, same padding) whose padding indices are marked.
+    """A ``DistributedSampler`` (same shuffle, same padding) whose padding indices are marked,
+    and which can resume mid-epoch (:meth:`resume_at`). With one replica it is a seeded shuffle
+    (``seed + epoch``) without padding: the order of an epoch does not depend on the global RNG,
+    so a resumed run sees the same rows as an uninterrupted one.
 
     Args:
         dataset: The dataset (wrapped in :class:`MarkedDataset` by the data module).
@@ -34,6 +42,14 @@ class WeightedDistributedSampler(DistributedSampler):
     ) -> None:
         super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=False)
 
+        self.resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Make the next pass over ``epoch`` start after its first ``skip`` indices (a run
+        resumed mid-epoch goes on where it stopped); another epoch is unaffected. ``len`` stays
+        the whole epoch's, which is what Lightning's restored batch count expects."""
+        self.resume = (epoch, skip)
+
     def __iter__(self) -> Iterator[int]:
         n = len(self.dataset)
         if self.shuffle:
@@ -42,8 +58,13 @@ class WeightedDistributedSampler(DistributedSampler):
             order = torch.randperm(n, generator=generator).tolist()
         else:
             order = list(range(n))
-        order += [n + order[i % n] for i in range(self.total_size - n)]  # marked repeats
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        if self.num_replicas > 1:
+            order += [n + order[i % n] for i in range(self.total_size - n)]  # marked repeats
+        mine = order[self.rank : len(order) : self.num_replicas]
+        if self.resume is not None and self.resume[0] == self.epoch:
+            mine = mine[self.resume[1] :]
+        self.resume = None
+        return iter(mine)
 
 
 class MarkedDataset(Dataset):
@@ -65,3 +86,38 @@ class MarkedDataset(Dataset):
         row = dict(self.dataset[index % n])
         row["sample_weight"] = 1.0 if index < n else 0.0
         return row
+
+
+class TrainPosition:
+    """Where training is in the data: the epoch and the batches of it that reached the model.
+
+    Batches are counted as they are handed to the model (the data module's
+    ``on_before_batch_transfer``), not as the loader yields them: Lightning prefetches a batch
+    ahead, and a checkpoint taken after batch ``k`` must resume at batch ``k + 1``.
+    """
+
+    def __init__(self) -> None:
+        self.epoch, self.batches = 0, 0
+        self.pending: tuple[int, int] | None = None
+
+    def advance(self, epoch: int) -> None:
+        """One more training batch of ``epoch`` reached the model."""
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, 0
+        self.batches += 1
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: saved in checkpoints by Lightning."""
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume: the next training loader skips ``state["batches"]`` batches of that epoch."""
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.pending = (self.epoch, self.batches)
+
+    def apply(self, sampler: WeightedDistributedSampler, batch_size: int) -> None:
+        """Hand a pending resume position to a new training sampler (once)."""
+        if self.pending is not None:
+            epoch, batches = self.pending
+            sampler.resume_at(epoch, batches * batch_size)
+            self.pending = None

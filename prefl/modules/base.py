@@ -27,6 +27,7 @@ from prefl.models.sharding import (
     full_state_dict,
     is_sharded,
 )
+from prefl.modules.checkpoints import check_checkpoint
 from prefl.modules.guard import NonFiniteGuardMixin
 from prefl.modules.schedules import WarmupCosineLR
 
@@ -81,6 +82,12 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
                 )
             self.tokenizer = datamodule.tokenizer
         return self.tokenizer
+
+    def setup(self, stage: str) -> None:
+        """Before Lightning restores anything, check the checkpoint being resumed from
+        (:func:`~prefl.modules.checkpoints.check_checkpoint`): a clear error for a damaged one."""
+        trainer = self._trainer
+        check_checkpoint(trainer.ckpt_path if trainer is not None else None)
 
     def configure_model(self) -> None:
         """Build the models once (:meth:`build_models`); under Lightning's
