@@ -121,3 +121,31 @@ class TrainPosition:
             epoch, batches = self.pending
             sampler.resume_at(epoch, batches * batch_size)
             self.pending = None
+
+
+class ResumableTrainData:
+    """Data-module mixin: saves the :class:`TrainPosition` in checkpoints (Lightning stores a
+    data module's ``state_dict``) and counts the training batches handed to the model."""
+
+    @property
+    def train_position(self) -> TrainPosition:
+        """Where training is in the data (created on first use)."""
+        if not hasattr(self, "_train_position"):
+            self._train_position = TrainPosition()
+        return self._train_position
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"train_position": {"epoch", "batches"}}``."""
+        return {"train_position": self.train_position.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the position (a checkpoint from before this existed has none)."""
+        if "train_position" in state_dict:
+            self.train_position.load_state_dict(state_dict["train_position"])
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a training batch as it reaches the model (validation batches are not)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            self.train_position.advance(trainer.current_epoch)
+        return batch
