@@ -6,41 +6,50 @@ turns each row into text (:mod:`prefl.data.formats`), tokenizes with a batched, 
 ``Dataset.map`` (:mod:`prefl.data.tokenize`) and pads batches (:mod:`prefl.data.collate`).
 
 Nothing is lost silently: every split logs one line with rows read, used, truncated and dropped
-by reason, also kept in :attr:`PreferenceDataModule.stats`; ``error_on_drop=True`` makes any drop
-an error instead.
+by reason, also kept in :attr:`PreferenceDataModule.stats` (:mod:`prefl.data.accounting`);
+``error_on_drop=True`` makes any drop an error instead. Bad input is an error that says where:
+a broken local file names the file and line (:mod:`prefl.data.validate`), a bad row its split,
+row index (in the source split, also after a shuffle) and column (:class:`RowError`), a bad
+setting its key.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from prefl.data import toy
+from prefl.data.accounting import keep_and_count
 from prefl.data.collate import PreferenceCollator
-from prefl.data.formats import Columns, detect_format, required_columns
-from prefl.data.sampling import MarkedDataset, WeightedDistributedSampler
-from prefl.data.tokenize import Limits, tokenize_batch
+from prefl.data.formats import Columns
+from prefl.data.sampling import MarkedDataset, ResumableTrainData, WeightedDistributedSampler
+from prefl.data.tokenize import Limits, tokenize_batch, with_source_rows
+from prefl.data.validate import (
+    check_columns,
+    has_margin,
+    load_local,
+    looks_like_file,
+    undecodable,
+)
 from prefl.models.tokenizers import load_tokenizer
 
 Mode = Literal["pairs", "prompts", "sft"]
 RowFormat = Literal["auto", "explicit", "implicit", "conversational"]
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def _builder_for(path: Path) -> str | None:
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
-    return _BUILDERS.get(suffixes[-1]) if suffixes else None
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
-class PreferenceDataModule(LightningDataModule):
+class PreferenceDataModule(ResumableTrainData, LightningDataModule):
     """Preference data for every stage: pairs (reward model, DPO), prompts (PPO) or SFT text.
 
     Args:
@@ -120,6 +129,10 @@ class PreferenceDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if subset is not None and not 0.0 < subset <= 1.0:
             raise ValueError(f"subset must be in (0, 1], got {subset}")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 (or None for all rows), got {max_samples}")
+        _check_choice("mode", mode, typing.get_args(Mode))
+        _check_choice("row_format", row_format, typing.get_args(RowFormat))
         self.dataset = dataset
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         self.mode, self.row_format = mode, row_format
@@ -150,9 +163,17 @@ class PreferenceDataModule(LightningDataModule):
             "predict": [h.test_split],
         }.get(stage or "", [h.train_split, h.val_split, h.test_split])
         raw = self.splits()
+        if stage == "fit" and h.train_split not in raw:
+            raise ValueError(
+                f"dataset {self._source_name()} has no {h.train_split!r} split (found "
+                f"{sorted(raw)}); name the training split with train_split="
+            )
         for split in wanted:
             if split in raw and split not in self.datasets:
-                self.datasets[split] = self._tokenize(split, raw[split])
+                try:
+                    self.datasets[split] = self._tokenize(split, raw[split])
+                except UnicodeDecodeError as err:
+                    raise undecodable(self.dataset, split, err) from err
 
     def load_raw(self) -> datasets.DatasetDict:
         """Load the source as a ``DatasetDict`` (through ``datasets.load_dataset`` for files)."""
@@ -165,14 +186,10 @@ class PreferenceDataModule(LightningDataModule):
             rows = toy.toy_splits(self.mode, seed=h.seed)
             return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()})
         path = Path(source)
-        if path.is_file():
-            builder = _builder_for(path)
-            if builder is None:
-                raise ValueError(
-                    f"dataset file {source!r}: unsupported type; "
-                    f"expected one of {sorted(_BUILDERS)}"
-                )
-            return datasets.load_dataset(builder, data_files=str(path), cache_dir=h.cache_dir)
+        if path.exists():
+            return load_local(path, h.cache_dir, name=h.name, data_dir=h.data_dir)
+        if looks_like_file(source):  # not a hub id: do not ask the hub for it
+            raise FileNotFoundError(f"dataset file {source!r} does not exist ({path.resolve()})")
         return datasets.load_dataset(
             source, name=h.name, data_dir=h.data_dir, cache_dir=h.cache_dir
         )
@@ -181,6 +198,8 @@ class PreferenceDataModule(LightningDataModule):
         """The raw splits after the validation carve, ``subset`` and ``max_samples``."""
         h = self.hparams
         raw = dict(self.load_raw())
+        if h.subset is not None or (h.val_fraction > 0 and h.val_split not in raw):
+            raw = {split: with_source_rows(ds) for split, ds in raw.items()}
         if h.val_split not in raw and h.val_fraction > 0 and h.train_split in raw:
             parts = raw[h.train_split].train_test_split(test_size=h.val_fraction, seed=h.seed)
             raw[h.train_split], raw[h.val_split] = parts["train"], parts["test"]
@@ -192,22 +211,14 @@ class PreferenceDataModule(LightningDataModule):
             raw[split] = ds
         return raw
 
-    def _check_columns(self, split: str, ds: datasets.Dataset) -> str:
-        if len(ds) == 0:
-            raise ValueError(f"split {split!r} of dataset {self.dataset!r} is empty")
-        fmt = self.row_format if self.row_format != "auto" else detect_format(ds[0], self.columns)
-        needed = required_columns(self.mode, fmt, self.columns, ds.column_names)
-        missing = [c for c in needed if c not in ds.column_names]
-        if missing:
-            raise ValueError(
-                f"split {split!r} lacks column(s) {missing}: mode {self.mode!r} with format "
-                f"{fmt!r} expects {needed}, found {ds.column_names}. Map your column names with "
-                "prompt_column=, chosen_column=, rejected_column=, completion_column=."
-            )
-        return fmt
+    def _source_name(self) -> str:
+        source = self.dataset
+        return repr(source) if isinstance(source, str) else f"<in-memory {type(source).__name__}>"
 
     def _tokenize(self, split: str, ds: datasets.Dataset) -> datasets.Dataset:
-        fmt = self._check_columns(split, ds)
+        fmt = check_columns(
+            split, ds, self.mode, self.row_format, self.columns, self._source_name()
+        )
         kwargs = {
             "split": split,
             "mode": self.mode,
@@ -215,7 +226,7 @@ class PreferenceDataModule(LightningDataModule):
             "columns": self.columns,
             "tokenizer": self.tokenizer,
             "limits": self.limits,
-            "use_margin": self.columns.margin in ds.column_names,
+            "use_margin": has_margin(split, ds.column_names, self.columns),
         }
         mapped = ds.map(
             tokenize_batch,
@@ -226,32 +237,7 @@ class PreferenceDataModule(LightningDataModule):
             num_proc=self.hparams.num_proc,
             desc=f"prefl: tokenizing {split}",
         )
-        reasons = mapped["drop_reason"]
-        dropped = Counter(r for r in reasons if r)
-        truncated = sum(t for t, r in zip(mapped["truncated"], reasons, strict=True) if not r)
-        kept = mapped.filter(
-            lambda rs: [not r for r in rs], input_columns=["drop_reason"], batched=True
-        ).remove_columns(["drop_reason", "truncated"])
-        self.stats[split] = {
-            "read": len(ds),
-            "used": len(kept),
-            "truncated": truncated,
-            "dropped": dict(sorted(dropped.items())),
-        }
-        drops = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "none"
-        rank_zero_info(
-            f"prefl data [{split}]: read {len(ds)}, used {len(kept)}, "
-            f"truncated {truncated}, dropped {sum(dropped.values())} ({drops})"
-        )
-        if dropped and self.hparams.error_on_drop:
-            first = [i for i, r in enumerate(reasons) if r][:5]
-            raise ValueError(
-                f"split {split!r}: {sum(dropped.values())} row(s) would be dropped "
-                f"({drops}); first rows {first} (error_on_drop=True)"
-            )
-        if len(kept) == 0:
-            raise ValueError(f"split {split!r} is empty after filtering ({drops})")
-        return kept
+        return keep_and_count(split, ds, mapped, self.stats, self.hparams.error_on_drop)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
@@ -261,32 +247,41 @@ class PreferenceDataModule(LightningDataModule):
             )
         h = self.hparams
         size = h.batch_size if train else (h.eval_batch_size or h.batch_size)
-        dataset, sampler = self.datasets[split], self._distributed_sampler(split, train)
+        dataset, (sampler, marked) = self.datasets[split], self._sampler(split, train)
+        if train and sampler is not None:
+            self.train_position.apply(sampler, size)  # a run resumed mid-epoch goes on there
         return DataLoader(
-            dataset if sampler is None else MarkedDataset(dataset),
+            MarkedDataset(dataset) if marked else dataset,
             batch_size=size,
-            shuffle=train if sampler is None else None,
             sampler=sampler,
             collate_fn=self.collator,
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
         )
 
-    def _distributed_sampler(self, split: str, train: bool) -> WeightedDistributedSampler | None:
-        """Under data parallelism, a sampler that marks its padding repeats (weight 0), so an
-        uneven last batch is neither dropped nor counted twice; None on one process or when the
-        Trainer was told not to shard (``use_distributed_sampler=False``)."""
+    def _sampler(self, split: str, train: bool) -> tuple[WeightedDistributedSampler | None, bool]:
+        """The sampler, and whether rows carry ``sample_weight``.
+
+        Under data parallelism: a sampler that marks its padding repeats (weight 0), so an
+        uneven last batch is neither dropped nor counted twice. Otherwise training batches come
+        in a seeded order per epoch (``seed + epoch``, not the global RNG), so a run resumed
+        mid-epoch sees the rows an uninterrupted one would; evaluation is in row order. With
+        ``Trainer(use_distributed_sampler=False)`` every rank reads all the rows.
+        """
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.world_size <= 1:
-            return None
-        if not trainer._accelerator_connector.use_distributed_sampler:
-            return None
-        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
-        if kwargs.get("num_replicas", 1) <= 1:
-            return None
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # Lightning's own sampler seed
-        dataset = self.datasets[split]
-        return WeightedDistributedSampler(dataset, shuffle=train, seed=seed, **kwargs)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.hparams.seed))
+        dataset, kwargs = self.datasets[split], {"num_replicas": 1, "rank": 0}
+        if (
+            trainer is not None
+            and trainer.world_size > 1
+            and trainer._accelerator_connector.use_distributed_sampler
+        ):
+            kwargs = trainer.strategy.distributed_sampler_kwargs or kwargs
+        if kwargs["num_replicas"] > 1:
+            return WeightedDistributedSampler(dataset, shuffle=train, seed=seed, **kwargs), True
+        if train:
+            return WeightedDistributedSampler(dataset, shuffle=True, seed=seed, **kwargs), False
+        return None, False
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""

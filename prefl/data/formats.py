@@ -31,7 +31,11 @@ class RowError(ValueError):
 
     def __init__(self, split: str, index: int, column: str, problem: str) -> None:
         super().__init__(f"split {split!r}, row {index}, column {column!r}: {problem}")
-        self.split, self.index, self.column = split, index, column
+        self.split, self.index, self.column, self.problem = split, index, column, problem
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its four fields, so that it crosses process boundaries (``num_proc``).
+        return (type(self), (self.split, self.index, self.column, self.problem))
 
 
 @dataclass(frozen=True)
@@ -81,11 +85,12 @@ def required_columns(mode: str, row_format: str, columns: Columns, names: list[s
 def detect_format(row: Mapping[str, Any], columns: Columns) -> str:
     """Guess the row format from one row.
 
-    Lists of messages mean ``conversational``; a prompt column means ``explicit``;
-    ``chosen``/``rejected`` alone mean ``implicit``.
+    Lists of messages mean ``conversational`` (a list of anything but mappings, e.g. of
+    strings, does not: it is a wrong type in a text column, reported as such); a prompt column
+    means ``explicit``; ``chosen``/``rejected`` alone mean ``implicit``.
     """
     keys = (columns.prompt, columns.chosen, columns.rejected, columns.completion, columns.messages)
-    if any(isinstance(row.get(k), list) for k in keys):
+    if any(_is_message_list(row.get(k)) for k in keys):
         return "conversational"
     if columns.prompt in row:
         return "explicit"
@@ -97,11 +102,19 @@ def detect_format(row: Mapping[str, Any], columns: Columns) -> str:
     )
 
 
+def _is_message_list(value: Any) -> bool:
+    """A list that is empty or holds at least one mapping (a message)."""
+    return isinstance(value, list) and (not value or any(isinstance(v, Mapping) for v in value))
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
 def _text(row: Mapping[str, Any], column: str, where: tuple[str, int]) -> str:
     value = row.get(column)
     if not isinstance(value, str):
-        kind = "None" if value is None else type(value).__name__
-        raise RowError(*where, column, f"expected a non-empty string, got {kind}")
+        raise RowError(*where, column, f"expected a non-empty string, got {_kind(value)}")
     if not value.strip():
         raise RowError(*where, column, "expected a non-empty string, got an empty one")
     return value
@@ -138,7 +151,9 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | None:
 def _messages(row: Mapping[str, Any], column: str, where: tuple[str, int]) -> list[dict]:
     value = row.get(column)
     if not isinstance(value, list) or not value:
-        raise RowError(*where, column, "expected a non-empty list of {role, content} messages")
+        got = "an empty list" if isinstance(value, list) else _kind(value)
+        problem = f"expected a non-empty list of {{role, content}} messages, got {got}"
+        raise RowError(*where, column, problem)
     for i, msg in enumerate(value):
         if not isinstance(msg, Mapping) or not {"role", "content"} <= set(msg):
             raise RowError(*where, column, f"message {i} is not a {{role, content}} mapping")
@@ -150,7 +165,8 @@ def _messages(row: Mapping[str, Any], column: str, where: tuple[str, int]) -> li
                 f"expected one of {sorted(CHAT_ROLES)}",
             )
         if not isinstance(msg["content"], str):
-            raise RowError(*where, column, f"message {i} content is not a string")
+            problem = f"message {i} content is not a string (got {_kind(msg['content'])})"
+            raise RowError(*where, column, problem)
     return list(value)
 
 
@@ -177,7 +193,7 @@ def _reply_text(
 
 def _conversational(row, mode: str, c: Columns, tokenizer, where) -> RowTexts:
     names = {"pairs": [c.chosen, c.rejected], "sft": [_sft_column(row, c)], "prompts": []}[mode]
-    if row.get(c.prompt) is not None:
+    if c.prompt in row:  # a prompt column: its value must be a message list, even if None
         prompt = _messages(row, c.prompt, where)
         replies = [_messages(row, name, where) for name in names]
     else:

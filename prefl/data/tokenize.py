@@ -16,9 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
+
 from prefl.data.formats import Columns, RowError, extract_texts
 
 DROP_REASONS = ("identical", "identical_after_truncation", "prompt_too_long", "empty_completion")
+#: Column holding each row's index in its source split, added by the data module when it
+#: reorders rows (validation carve, ``subset``) so that errors still name the source row.
+SOURCE_ROW = "__prefl_source_row__"
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,13 @@ class Limits:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
+
+
+def with_source_rows(ds: datasets.Dataset) -> datasets.Dataset:
+    """``ds`` with each row's index in a :data:`SOURCE_ROW` column, kept through shuffles."""
+    if SOURCE_ROW in ds.column_names:
+        return ds
+    return ds.add_column(SOURCE_ROW, list(range(len(ds))))
 
 
 def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
@@ -141,9 +153,12 @@ def tokenize_batch(
 
     Returns columns ``prompt_ids``, ``truncated``, ``drop_reason``; plus ``chosen_ids`` and
     ``rejected_ids`` (pairs), ``completion_ids`` (sft) or ``prompt`` text (prompts); plus
-    ``margin`` when ``use_margin``. Raises :class:`RowError` naming split, row and column.
+    ``margin`` when ``use_margin``. Raises :class:`RowError` naming split, row and column; the
+    row is ``indices`` (positions in the split), or the :data:`SOURCE_ROW` column when present.
     """
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    if SOURCE_ROW in batch:  # name rows by their index in the source split, not after a shuffle
+        indices = [row.pop(SOURCE_ROW) for row in rows]
     texts = [
         extract_texts(row, mode, row_format, columns, tokenizer, (split, index))
         for row, index in zip(rows, indices, strict=True)

@@ -27,7 +27,7 @@ from prefl.models.sharding import (
     full_state_dict,
     is_sharded,
 )
-from prefl.modules.checkpoints import check_checkpoint
+from prefl.modules.checkpoints import CheckedCheckpointIO
 from prefl.modules.guard import NonFiniteGuardMixin
 from prefl.modules.schedules import WarmupCosineLR
 
@@ -59,7 +59,9 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
         super().__init__()
         if isinstance(model, dict):  # hyperparameters read back from a checkpoint
             model = CausalLMSpec(**model)
-        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["tokenizer", "optimizer", "lr_scheduler", "value_optimizer"]
+        )
         if dataclasses.is_dataclass(model):  # plain types only: checkpoints load weights_only
             self.hparams["model"] = dataclasses.asdict(model)
         if max_nonfinite_steps < 0:
@@ -84,10 +86,12 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
         return self.tokenizer
 
     def setup(self, stage: str) -> None:
-        """Before Lightning restores anything, check the checkpoint being resumed from
-        (:func:`~prefl.modules.checkpoints.check_checkpoint`): a clear error for a damaged one."""
-        trainer = self._trainer
-        check_checkpoint(trainer.ckpt_path if trainer is not None else None)
+        """Before Lightning restores anything, make the strategy check a checkpoint before it
+        loads it (:class:`~prefl.modules.checkpoints.CheckedCheckpointIO`): a damaged one gets a
+        clear error naming the intact ones beside it."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is not None and not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):
+            strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
 
     def configure_model(self) -> None:
         """Build the models once (:meth:`build_models`); under Lightning's

@@ -14,6 +14,10 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.utilities.types import _PATH
 
 
 class CorruptCheckpointError(ValueError):
@@ -70,3 +74,40 @@ def check_checkpoint(path: str | Path | None) -> None:
         f"cannot resume from {str(path)!r}: {problem}. Pass another one with --ckpt_path "
         f"(or ckpt_path=); {hint}"
     )
+
+
+class CheckedCheckpointIO(CheckpointIO):
+    """The strategy's checkpoint I/O with :func:`check_checkpoint` before every load.
+
+    :class:`~prefl.modules.base.CausalLMModule` installs it in ``setup`` (which runs before
+    Lightning restores a checkpoint), wrapping whatever the strategy had; saving and removing
+    are passed through unchanged.
+
+    Args:
+        inner: The checkpoint I/O to wrap.
+    """
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        """Save through the wrapped I/O."""
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Check the file, then load it through the wrapped I/O."""
+        check_checkpoint(path)
+        inner = self.inner
+        return inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Remove through the wrapped I/O."""
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """Tear the wrapped I/O down."""
+        self.inner.teardown()

@@ -322,8 +322,8 @@ def check_pair_run(runs, name, n_train, n_val):
     (single,) = load_run(runs["single"], name, 1)
     ddp = load_run(runs["ddp"], name, 2)
 
-    # one process: no sampler of ours, no sample_weight key
-    assert single["sampler"] != "WeightedDistributedSampler"
+    # one process: the seeded (resumable) single-replica sampler, no sample_weight key
+    assert single["sampler"] == "WeightedDistributedSampler"
     assert single["train_weights"] == [None] and single["val_weights"] == [None]
     # two ranks: one batch each, the padding repeats (if any) weigh 0 and are not counted
     assert [r["sampler"] for r in ddp] == ["WeightedDistributedSampler"] * 2
