@@ -1,4 +1,4 @@
-"""Test-wide settings: one torch thread per process.
+"""Test-wide settings: one torch thread per process, no download-count pings.
 
 The toy models are far too small to gain from intra-op threads, and on a 2-core machine several
 processes (pytest, a CLI run, two DDP ranks) each spinning two threads slow each other down by an
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `datasets` pings the hub to count a download on every local load: 3-5 s each when offline
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 torch.set_num_threads(1)
 
 
