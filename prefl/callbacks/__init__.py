@@ -1,11 +1,13 @@
-"""Callbacks the Trainer calls: Hugging Face export, sample-quality and reward reports."""
+"""Callbacks the Trainer calls: Hugging Face export, sample-quality, reward and entropy reports."""
 
+from prefl.callbacks.entropy import EntropyReport
 from prefl.callbacks.evaluation import EvalCallback
 from prefl.callbacks.export import HFExport
 from prefl.callbacks.rewards import RewardReport, RewardWriter
 from prefl.callbacks.samples import SampleReport, resolve_reward_fn
 
 __all__ = [
+    "EntropyReport",
     "EvalCallback",
     "HFExport",
     "RewardReport",
