@@ -146,6 +146,19 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Any = None,
+    ) -> None:
+        """Step, then free the gradients at once (automatic optimisation). Lightning clears them
+        only inside the next step's closure, after that step's forward, so a full gradient
+        copy would otherwise sit in memory through every forward, where the peak is."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def on_train_start(self) -> None:
         """Give a :class:`WarmupCosineLR` without ``total_steps`` the run's length."""
         for config in self.trainer.lr_scheduler_configs:

@@ -123,3 +123,26 @@ def test_bf16_mixed_reaches_the_policy_forward(sft_dir, tmp_path, precision, dty
     assert seen and set(seen) == {dtype}
     assert module.model.lm_head.weight.dtype == torch.float32  # mixed: fp32 master weights
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_right_after_each_optimizer_step(sft_dir, tmp_path, accumulate):
+    """No gradient copy lives through the next forward (the peak), but accumulation keeps them
+    between the micro-batches of one step."""
+    from lightning.pytorch import Callback
+
+    class Grads(Callback):
+        def __init__(self):
+            self.alive: list[bool] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.alive.append(any(p.grad is not None for p in module.parameters()))
+
+    torch.set_num_threads(1)
+    grads = Grads()
+    data = PreferenceDataModule(mode="pairs", max_samples=8, batch_size=2, max_length=32)
+    trainer = _trainer(tmp_path, max_steps=2, accumulate_grad_batches=accumulate)
+    trainer.callbacks.append(grads)
+    trainer.fit(DPOModule(sft_dir, tokenizer="toy"), datamodule=data)
+    expected = [False, False] if accumulate == 1 else [True, False, True, False]
+    assert grads.alive == expected
