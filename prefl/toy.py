@@ -5,9 +5,11 @@
 latter against the learned reward model), both from the same SFT export. SFT, DPO and PPO are then
 evaluated on the same held-out prompts against the SFT model (:func:`prefl.eval.evaluate` with the
 toy oracle): a table is printed, ``DIR/summary.json`` holds one entry per stage (``reward``,
-``kl``, ``win_rate``, ...), and ``DIR/frontier.png`` plots oracle reward against KL, one point per
-evaluated checkpoint. ``--sweep`` adds DPO runs over β and PPO runs over the KL coefficient and
-draws both frontiers, as in the DPO paper's Fig. 2. It needs a source checkout (for the configs).
+``kl``, ``win_rate``, ``frontier_efficiency``...), and ``DIR/frontier.png`` plots oracle reward
+against KL, one point per evaluated checkpoint, beside the exact optimum of ``E[r] − β·KL`` and
+best-of-n from the generator (:mod:`prefl.data.toy_optimum`). ``--sweep`` adds DPO runs over β
+and PPO runs over the KL coefficient and draws both frontiers, as in the DPO paper's Fig. 2. It
+needs a source checkout (for the configs).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 DPO_BETAS = (0.1, 0.25, 0.5, 1.0, 2.0)
 PPO_KL_COEFS = (0.01, 0.05, 0.2, 0.5)
+#: β grid of the exact optimal curve (log-spaced, 0.01 to 20) and best-of-n sizes
+OPTIMUM_BETAS = tuple(0.01 * 2000 ** (i / 59) for i in range(60))
+BEST_OF_N = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def fit_stage(config: str, extra: Sequence[str] = (), callbacks: Sequence[Any] = ()) -> Any:
@@ -67,6 +72,24 @@ def evaluate_exports(exports: dict[str, str], num_samples: int = 8) -> dict[str,
     return results
 
 
+def add_optimum(summary: dict[str, Any]) -> None:
+    """The exact optimal curve and best-of-n (``summary["optimum"]``), and each evaluated
+    point's ``frontier_efficiency`` = reward ÷ R*(the KL it paid) and ``gain_efficiency`` =
+    (reward − R*(0)) ÷ (R*(KL) − R*(0)), the share of the reachable gain it got."""
+    from prefl.data.toy_optimum import best_of_n, frontier_reward_at, optimal_frontier
+
+    curve = optimal_frontier(OPTIMUM_BETAS)
+    summary["optimum"] = {"frontier": curve, "best_of_n": best_of_n(BEST_OF_N)}
+    base = frontier_reward_at(0.0, curve)
+    points = [*summary["stages"].values()]
+    points += [p for method in summary.get("sweep", {}).values() for p in method]
+    for point in points:
+        best = frontier_reward_at(max(point["kl"], 0.0), curve)
+        point["optimal_reward"] = best
+        point["frontier_efficiency"] = point["reward"] / best
+        point["gain_efficiency"] = (point["reward"] - base) / (best - base) if best > base else 0.0
+
+
 def plot_frontier(summary: dict[str, Any], path: Path) -> None:
     """Oracle reward against KL: SFT, each method's evaluated checkpoints, and sweep curves."""
     import matplotlib
@@ -76,6 +99,25 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     stages = summary["stages"]
+    optimum = summary.get("optimum")
+    if optimum:
+        curve = optimum["frontier"]
+        ax.plot(
+            [p["kl"] for p in curve],
+            [p["reward"] for p in curve],
+            "-",
+            color="black",
+            lw=1.5,
+            label="optimum: max E[r] − β·KL (exact)",
+        )
+        bon = optimum["best_of_n"]
+        ax.plot(
+            [p["kl"] for p in bon],
+            [p["reward"] for p in bon],
+            "x--",
+            color="gray",
+            label="best-of-n from the generator (KL bound)",
+        )
     ax.scatter([0.0], [stages["sft"]["reward"]], color="black", zorder=3, label="SFT")
     colors = {"dpo": "tab:blue", "ppo": "tab:orange"}
     for method, color in colors.items():
@@ -107,6 +149,7 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
                 color=color,
                 label=f"{method.upper()} sweep",
             )
+    ax.set_xlim(left=-0.2, right=max(6.0, *(p["kl"] + 0.5 for p in stages.values())))
     ax.set_xlabel("KL(policy ‖ SFT), nats per completion")
     ax.set_ylabel("mean oracle reward (held-out prompts)")
     ax.set_title("Toy task: reward–KL frontier")
@@ -120,14 +163,24 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
 def print_table(summary: dict[str, Any]) -> str:
     """The stage table: oracle reward, KL, win rate vs SFT, EOS rate and wall time."""
     rows = [
-        f"{'stage':<6} {'oracle reward':>13} {'KL':>7} {'win vs SFT':>10} "
-        f"{'EOS rate':>8} {'wall s':>7}"
+        f"{'stage':<6} {'oracle reward':>13} {'KL':>7} {'R*(KL)':>7} {'of R*':>6} "
+        f"{'win vs SFT':>10} {'EOS rate':>8} {'wall s':>7}"
     ]
     for stage, r in summary["stages"].items():
         wall = summary["wall_seconds"].get(stage, float("nan"))
+        best, eff = (
+            r.get("optimal_reward", float("nan")),
+            r.get("frontier_efficiency", float("nan")),
+        )
         rows.append(
-            f"{stage:<6} {r['reward']:>+13.3f} {r['kl']:>7.2f} {r['win_rate']:>10.3f} "
-            f"{r['eos_rate']:>8.3f} {wall:>7.1f}"
+            f"{stage:<6} {r['reward']:>+13.3f} {r['kl']:>7.2f} {best:>+7.3f} {eff:>6.1%} "
+            f"{r['win_rate']:>10.3f} {r['eos_rate']:>8.3f} {wall:>7.1f}"
+        )
+    entropy = summary.get("sft_entropy")
+    if entropy:
+        rows.append(
+            f"SFT held-out NLL {entropy['model_nll']:.4f} nats/token vs the generator's "
+            f"{entropy['generator_nll']:.4f} on the same rows (ratio {entropy['ratio']:.4f})"
         )
     rm = summary.get("reward_model")
     if rm:
@@ -170,7 +223,7 @@ def run_sweep(summary: dict[str, Any]) -> None:
 
 def run_pipeline(out: str | Path, sweep: bool = False) -> dict[str, Any]:
     """Run the whole toy pipeline in ``out`` and return the summary (also written to JSON)."""
-    from prefl.callbacks import EvalCallback, RewardReport
+    from prefl.callbacks import EntropyReport, EvalCallback, RewardReport
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -188,12 +241,16 @@ def run_pipeline(out: str | Path, sweep: bool = False) -> dict[str, Any]:
             if stage == "reward":
                 report = next(c for c in cli.trainer.callbacks if isinstance(c, RewardReport))
                 summary["reward_model"] = report.results
+            if stage == "sft":
+                report = next(c for c in cli.trainer.callbacks if isinstance(c, EntropyReport))
+                summary["sft_entropy"] = report.results
         for method, callback in evals.items():
             summary["frontier"][method] = frontier_points(callback.history)
         exports = {s: f"runs/toy/{s}/export" for s in ("sft", "dpo", "ppo")}
         summary["stages"] = evaluate_exports(exports)
         if sweep:
             run_sweep(summary)
+        add_optimum(summary)
         summary["total_seconds"] = time.perf_counter() - start
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_frontier(summary, out / "frontier.png")

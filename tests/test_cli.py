@@ -139,6 +139,26 @@ def test_pipeline_table_summary_and_frontier(pipeline):
     assert (out / "frontier.png").stat().st_size > 10_000
 
 
+def test_pipeline_scores_methods_against_the_exact_optimum(pipeline):
+    """summary.json holds the exact optimal curve, best-of-n and, per stage, R*(KL paid) and
+    frontier_efficiency = reward / R*; DPO and PPO sit on or under the curve (up to sampling
+    noise); the table prints both, and the SFT NLL next to the generator's."""
+    from prefl.data.toy_optimum import frontier_reward_at
+
+    _, log, summary = pipeline
+    curve = summary["optimum"]["frontier"]
+    assert len(curve) == 60 and len(summary["optimum"]["best_of_n"]) == 8
+    for method in ("dpo", "ppo"):
+        point = summary["stages"][method]
+        best = frontier_reward_at(point["kl"], curve)
+        assert point["optimal_reward"] == pytest.approx(best, abs=1e-12)
+        assert point["frontier_efficiency"] == pytest.approx(point["reward"] / best, abs=1e-12)
+        assert 0.5 < point["frontier_efficiency"] < 1.05
+        assert 0.0 < point["gain_efficiency"] < 1.1
+    assert summary["sft_entropy"]["ratio"] < 1.01
+    assert "R*(KL)" in log and "SFT held-out NLL" in log
+
+
 def test_toy_sft_meets_the_quality_bar(pipeline):
     """Well-formed samples (EOS) >= 95% and mean oracle reward within 0.05 of the corpus's."""
     out, log, _ = pipeline
@@ -274,5 +294,7 @@ def test_sweep_adds_frontier_curves(pipeline, monkeypatch):
     assert dpo["beta"] == 0.25 and ppo["kl_coef"] == 0.2
     assert dpo["reward"] > summary["stages"]["sft"]["reward"] and dpo["kl"] > 0
     assert ppo["reward"] > summary["stages"]["sft"]["reward"] and ppo["kl"] > 0
+    pipeline_module.add_optimum(summary)
+    assert 0.0 < dpo["frontier_efficiency"] < 1.05 and 0.0 < ppo["frontier_efficiency"] < 1.05
     pipeline_module.plot_frontier(summary, out / "frontier_sweep.png")
     assert (out / "frontier_sweep.png").stat().st_size > 10_000
