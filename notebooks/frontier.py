@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -47,6 +49,7 @@ from prefl import (
     SFTModule,
 )
 from prefl.data import toy
+from prefl.data.toy_optimum import best_of_n, frontier_reward_at, optimal_frontier
 from prefl.eval import evaluate
 
 SMALL = os.environ.get("PREFL_NB_SMALL", "") not in ("", "0")
@@ -218,7 +221,17 @@ for method, key in (("DPO", "beta"), ("PPO", "kl_coef")):
         )
 (OUT / "frontier.json").write_text(json.dumps({"sft_reward": sft_reward, **results}, indent=2))
 
+# the physical limit: the exact optimum of E[r] − β·KL, and best-of-n from the generator
+optimum = optimal_frontier([0.01 * 2000 ** (i / 59) for i in range(60)])
+bon = best_of_n([1, 2, 4, 8, 16, 32, 64])
+for method, key in (("dpo", "beta"), ("ppo", "kl_coef")):
+    for row in results[method]:
+        best = frontier_reward_at(max(row["kl"], 0.0), optimum)
+        print(f"{method} {key}={row[key]:g}: {row['reward'] / best:.0%} of R* at its KL")
+
 fig, ax = plt.subplots(figsize=(7, 5))
+ax.plot([p["kl"] for p in optimum], [p["reward"] for p in optimum], "k-", label="optimum (exact)")
+ax.plot([p["kl"] for p in bon], [p["reward"] for p in bon], "x--", color="gray", label="best-of-n")
 ax.scatter([0.0], [sft_reward], marker="*", s=200, color="k", label="SFT (reference)", zorder=3)
 for method, key, color in (("dpo", "beta", "C0"), ("ppo", "kl_coef", "C1")):
     rows = sorted(results[method], key=lambda r: r["kl"])
@@ -249,8 +262,11 @@ plt.show()
 
 # %% [markdown]
 # Points further up and to the left are better: more true reward for less divergence from the
-# SFT model. Lowering β moves each method along its curve towards more reward and more KL. With
-# the default settings PPO's points lie above DPO's on this toy task: PPO is scored on its own
+# SFT model. The black curve is the best any method can do: on the toy task the reference is the
+# corpus's generator and the reward is the oracle, so the optimum of `E[r] − β·KL`,
+# `π* ∝ π_ref·exp(r/β)`, is computed exactly (`prefl.data.toy_optimum`); the gray line is
+# best-of-n sampling from the generator. Lowering β moves each method along its curve towards
+# more reward and more KL. With the default settings PPO's points lie above DPO's on this toy task: PPO is scored on its own
 # samples at every step, while DPO only ever sees the fixed, offline pairs. Both curves bend: past
 # a few nats, extra KL buys less and less oracle reward, and a learned reward model (PPO's) can
 # start to be exploited there, which an oracle-scored frontier like this one makes visible.
