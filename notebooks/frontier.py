@@ -261,12 +261,13 @@ fig.savefig(OUT / "frontier.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# Points further up and to the left are better: more true reward for less divergence from the
-# SFT model. The black curve is the best any method can do: on the toy task the reference is the
-# corpus's generator and the reward is the oracle, so the optimum of `E[r] − β·KL`,
-# `π* ∝ π_ref·exp(r/β)`, is computed exactly (`prefl.data.toy_optimum`); the gray line is
-# best-of-n sampling from the generator. Lowering β moves each method along its curve towards
-# more reward and more KL. With the default settings PPO's points lie above DPO's on this toy task: PPO is scored on its own
-# samples at every step, while DPO only ever sees the fixed, offline pairs. Both curves bend: past
-# a few nats, extra KL buys less and less oracle reward, and a learned reward model (PPO's) can
-# start to be exploited there, which an oracle-scored frontier like this one makes visible.
+# Points further up and to the left are better: more true reward for less divergence from the SFT
+# model. The black curve is the best any method can do: on the toy task the reference is the
+# corpus's generator and the reward is the oracle, so the optimum of `E[r] − β·KL`, `π* ∝
+# π_ref·exp(r/β)`, is computed exactly (`prefl.data.toy_optimum`); the gray line is best-of-n
+# sampling from the generator. Lowering β moves each method along its curve towards more reward
+# and more KL. With the default settings PPO's points lie above DPO's on this toy task: PPO is
+# scored on its own samples at every step, while DPO only ever sees the fixed, offline pairs. Both
+# curves bend: past a few nats, extra KL buys less and less oracle reward, and a learned reward
+# model (PPO's) can start to be exploited there, which an oracle-scored frontier like this one
+# makes visible.
