@@ -71,8 +71,6 @@ CONFIGS: dict[str, tuple[str, frozenset[str], str]] = {
     "dpo_bf16_mixed": ("dpo", frozenset({"bf16"}), 'Trainer(precision="bf16-mixed")'),
     "dpo_naive_logps": ("dpo", frozenset({"naive"}), "naive log_softmax path, not chunked"),
     "dpo_bf16_naive_logps": ("dpo", frozenset({"bf16", "naive"}), "bf16-mixed + naive path"),
-    "dpo_grads_freed": ("dpo", frozenset({"free_grads"}), "not a prefl option: grads set to "
-                        "None after each step (Lightning frees them only after the next forward)"),
     "ppo_baseline": ("ppo", frozenset(), "RLOO k=2, reward-model export, all models on device"),
     "ppo_offload_frozen": ("ppo", frozenset({"offload"}), "offload_frozen=True"),
 }  # fmt: skip
@@ -144,13 +142,12 @@ naive_token_logps.calls = 0
 
 class StepProbe(Callback):
     """Per training step: wall seconds, CPU seconds of this process (all threads; steadier than
-    wall time on a shared machine) and the peak RSS so far (MiB), also once when training starts.
-    With ``free_grads`` it sets the gradients to None after each step."""
+    wall time on a shared machine) and the peak RSS so far (MiB), also once when training starts."""
 
-    def __init__(self, free_grads: bool) -> None:
+    def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
         self.peaks = [float("nan")]
-        self.free_grads, self._start = free_grads, (0.0, 0.0)
+        self._start = (0.0, 0.0)
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         self.peaks[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -165,9 +162,6 @@ class StepProbe(Callback):
             torch.cuda.synchronize()
         wall, cpu = time.perf_counter() - self._start[0], time.process_time() - self._start[1]
         self.steps.append({"wall_s": wall, "cpu_s": cpu})
-        if self.free_grads:
-            for optimizer in trainer.optimizers:
-                optimizer.zero_grad(set_to_none=True)
         self.peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -201,7 +195,7 @@ def build(name: str, workdir: Path, settings: dict[str, Any]) -> tuple[Any, Any,
             ppo_epochs=1, log_samples_every=0, optimizer=optimizer,
             offload_frozen="offload" in flags,
         )  # fmt: skip
-    trainer_args["callbacks"] = [StepProbe("free_grads" in flags)]
+    trainer_args["callbacks"] = [StepProbe()]
     return data, module, trainer_args
 
 
