@@ -12,7 +12,7 @@ alternate, and the table reports medians and prefl/TRL ratios.
 
 Run (about 4 minutes on 2 CPU cores)::
 
-    python benchmarks/dpo_vs_trl.py [--steps 30 --batch 8 --repeats 3 --threads 2]
+    python benchmarks/dpo_vs_trl.py [--steps 60 --batch 8 --repeats 3 --threads 2]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Compare the libraries (or, with ``--worker``, run one of them and print its result)."""
-    parser = base_parser(__doc__.split("\n")[0], steps=30, batch=8, lr=5e-5)
+    parser = base_parser(__doc__.split("\n")[0], steps=60, batch=8, lr=5e-5)
     args = parser.parse_args(argv)
     if args.worker is None:
         return compare(Path(__file__).resolve(), args, prepare, META)

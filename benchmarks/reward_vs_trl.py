@@ -15,7 +15,7 @@ subprocess, libraries alternate, and the table reports medians and prefl/TRL rat
 
 Run (about 3 minutes on 2 CPU cores)::
 
-    python benchmarks/reward_vs_trl.py [--steps 40 --batch 16 --repeats 3 --threads 2]
+    python benchmarks/reward_vs_trl.py [--steps 120 --batch 16 --repeats 3 --threads 2]
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Compare the libraries (or, with ``--worker``, run one of them and print its result)."""
-    parser = base_parser(__doc__.split("\n")[0], steps=40, batch=16, lr=5e-5)
+    parser = base_parser(__doc__.split("\n")[0], steps=120, batch=16, lr=5e-5)
     args = parser.parse_args(argv)
     if args.worker is None:
         return compare(Path(__file__).resolve(), args, prepare, META)

@@ -17,24 +17,21 @@ What every comparison shares:
   ``batch × (steps − warmup) / (t[steps] − t[warmup])``: the first ``warmup`` steps are excluded,
   and the window includes everything between step ends (data loading, forward, backward, clipping,
   optimizer). Peak RSS is the worker's ``ru_maxrss`` as returned by ``os.wait4`` for that child.
-- **The report.** Libraries alternate run by run (prefl, trl, prefl, trl, ...); the medians of the
-  repeats, and the prefl/TRL ratios, go to a markdown table and a JSON file with the config, the
-  machine and every run's raw numbers.
+
+:mod:`trl_report` runs the workers (libraries alternating) and writes the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -63,14 +60,27 @@ MAX_GRAD_NORM = 1.0
 # ------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def toy_task() -> ModuleType:
+    """prefl's ``prefl/data/toy.py`` loaded on its own (it needs only the standard library):
+    ``import prefl.data.toy`` would run ``prefl/data/__init__.py`` and so import Lightning, which
+    would add Lightning's import time and memory to the TRL workers."""
+    spec = importlib.util.find_spec("prefl")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("prefl is not installed (pip install -e .)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "toy.py"
+    toy_spec = importlib.util.spec_from_file_location("_prefl_toy_task", path)
+    module = importlib.util.module_from_spec(toy_spec)
+    toy_spec.loader.exec_module(module)
+    return module
+
+
 def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:
     """A word-level tokenizer of exactly ``vocab_size`` tokens: specials, toy lexicon, fillers."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from prefl.data import toy
-
-    words = [*SPECIAL_TOKENS, *toy.vocabulary()]
+    words = [*SPECIAL_TOKENS, *toy_task().vocabulary()]
     words += [f"w{i}" for i in range(vocab_size - len(words))]
     vocab = {word: i for i, word in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -116,25 +126,25 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 def toy_pair_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` toy preference rows; completions get a leading space (see the module docstring)."""
-    from prefl.data import toy
-
-    rows = toy.pair_rows(n, seed=seed)
+    rows = toy_task().pair_rows(n, seed=seed)
     return [{**r, "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in rows]
 
 
 def toy_prompt_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` toy prompt rows (drawn with replacement from the training prompts)."""
-    from prefl.data import toy
+    return toy_task().prompt_rows(n, seed=seed)
 
-    return toy.prompt_rows(n, seed=seed)
+
+#: Words (= non-special tokens, the tokenizer being word-level) of every completion scored.
+COMPLETION_WORDS: list[int] = []
 
 
 def toy_oracle_reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-    """The toy oracle (:func:`prefl.data.toy.oracle_rewards`) in TRL's reward-function signature;
-    prefl calls the same function by its name ``"toy"``."""
-    from prefl.data import toy
-
-    return toy.oracle_rewards(prompts, completions)
+    """The toy oracle (``oracle_rewards`` of ``prefl/data/toy.py``) in TRL's reward-function
+    signature, also counting completion lengths; both libraries call this same function (prefl by
+    its import path ``trl_harness:toy_oracle_reward``)."""
+    COMPLETION_WORDS.extend(len(c.split()) for c in completions)
+    return toy_task().oracle_rewards(prompts, completions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,6 +165,8 @@ class StepClock:
 
     def __init__(self) -> None:
         self.ends: list[float] = []
+        self.cpu: list[float] = []
+        self.rss: list[float] = []
         self.info: dict[str, Any] = {}
 
     def start(self, model: torch.nn.Module) -> None:
@@ -166,11 +178,14 @@ class StepClock:
             "dtype": str(param.dtype),
             "attn_implementation": getattr(config, "_attn_implementation", None),
             "rss_at_train_start_mib": _rss_mib(),
+            "rss_anon_at_train_start_mib": _rss_mib("RssAnon"),
         }
 
     def tick(self) -> None:
-        """Record the end of one optimizer step."""
+        """Record the end of one optimizer step (wall clock and this process's CPU time)."""
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.rss.append(_rss_mib())
 
 
 def lightning_clock(clock: StepClock) -> Any:
@@ -272,14 +287,23 @@ def finish_worker(clock: StepClock, args: argparse.Namespace, samples_per_step: 
     window = ends[-1] - ends[args.warmup - 1] if args.warmup else ends[-1] - ends[0]
     timed = len(ends) - args.warmup if args.warmup else len(ends) - 1
     step_times = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    cpu_times = [b - a for a, b in zip(clock.cpu, clock.cpu[1:], strict=False)]
+    first = max(args.warmup - 1, 0)
     result = {
         "steps": len(ends),
         "timed_steps": timed,
         "samples_per_step": samples_per_step,
         "throughput": samples_per_step * timed / window,
         "step_times_s": step_times,
-        "timed_step_times_s": step_times[max(args.warmup - 1, 0) :],
+        "timed_step_times_s": step_times[first:],
+        "timed_step_cpu_s": cpu_times[first:],
         "self_peak_rss_mib": _rss_mib("VmHWM"),
+        "rss_after_each_step_mib": clock.rss,
+        "rss_at_end_mib": {f: _rss_mib(f) for f in ("VmRSS", "RssAnon", "RssFile")},
         **clock.info,
+        "imported": {name: name in sys.modules for name in ("prefl", "lightning", "trl")},
     }
+    if COMPLETION_WORDS:
+        result["completions_scored"] = len(COMPLETION_WORDS)
+        result["mean_completion_words"] = sum(COMPLETION_WORDS) / len(COMPLETION_WORDS)
     print(RESULT_PREFIX + json.dumps(result), flush=True)

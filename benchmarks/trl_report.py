@@ -32,7 +32,7 @@ def base_parser(description: str, steps: int, batch: int, lr: float) -> argparse
     """The options every benchmark shares (each script adds its own)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     parser.add_argument("--batch", type=int, default=batch, help="per-device batch size")
     parser.add_argument("--repeats", type=int, default=3, help="runs per library (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every run")
@@ -46,8 +46,22 @@ def base_parser(description: str, steps: int, batch: int, lr: float) -> argparse
     return parser
 
 
+def prefl_revision() -> dict[str, Any]:
+    """The git commit of the prefl checkout and whether ``prefl/`` has local changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--", "prefl"], capture_output=True, text=True
+        )
+    except OSError:
+        return {"commit": None, "prefl_modified": None}
+    return {"commit": commit.stdout.strip() or None, "prefl_modified": bool(status.stdout.strip())}
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU count, platform and the versions of every library in the comparison."""
+    """CPU count, platform, the versions of every library in the comparison, prefl's commit."""
     versions = {}
     for name in ("torch", "trl", "transformers", "lightning", "accelerate", "datasets", "prefl"):
         try:
@@ -61,6 +75,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average_at_start": list(os.getloadavg()),
         "versions": versions,
+        "prefl_git": prefl_revision(),
     }
 
 
@@ -93,41 +108,60 @@ def run_worker(argv: list[str], threads: int, log: Path) -> dict[str, Any]:
     return result
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians per library and the prefl/TRL ratios."""
+    """Medians per library and the prefl/TRL ratios. ``throughput`` is each run's whole timed
+    window (then the median over runs); ``throughput_median_step`` divides the samples per step
+    by the median step time over all timed steps of all runs, which a burst of load from other
+    jobs on a shared machine moves much less."""
     out: dict[str, Any] = {}
     for lib in LIBRARIES:
         mine = [r for r in runs if r["lib"] == lib]
-        steps = [t for r in mine for t in r["timed_step_times_s"]]
+        step = _median([t for r in mine for t in r["timed_step_times_s"]])
         out[lib] = {
-            "throughput": statistics.median(r["throughput"] for r in mine),
-            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in mine),
-            "rss_at_train_start_mib": statistics.median(r["rss_at_train_start_mib"] for r in mine),
-            "median_step_s": statistics.median(steps),
+            "throughput": _median([r["throughput"] for r in mine]),
+            "throughput_median_step": mine[0]["samples_per_step"] / step,
+            "median_step_s": step,
+            "median_step_cpu_s": _median([t for r in mine for t in r["timed_step_cpu_s"]]),
+            "peak_rss_mib": _median([r["peak_rss_mib"] for r in mine]),
+            "rss_at_train_start_mib": _median([r["rss_at_train_start_mib"] for r in mine]),
             "runs": len(mine),
         }
+        if "mean_completion_words" in mine[0]:
+            out[lib]["mean_completion_tokens"] = _median([r["mean_completion_words"] for r in mine])
     p, t = out["prefl"], out["trl"]
-    out["ratio_throughput"] = p["throughput"] / t["throughput"]
-    out["ratio_peak_rss"] = p["peak_rss_mib"] / t["peak_rss_mib"]
-    out["ratio_median_step"] = p["median_step_s"] / t["median_step_s"]
+    ratios = {
+        "throughput": "throughput",
+        "throughput_median_step": "throughput_median_step",
+        "peak_rss": "peak_rss_mib",
+        "median_step_cpu": "median_step_cpu_s",
+    }
+    for name, key in ratios.items():
+        out[f"ratio_{name}"] = p[key] / t[key]
     return out
 
 
 def markdown_table(summary: dict[str, Any], unit: str, title: str) -> str:
-    """The summary as a markdown table (medians; ratios prefl ÷ TRL)."""
+    """The summary as a markdown table (medians; the last column is prefl ÷ TRL)."""
     p, t = summary["prefl"], summary["trl"]
-    n = min(p["runs"], t["runs"])
     rows = [
-        (f"throughput ({unit}/s)", p["throughput"], t["throughput"], summary["ratio_throughput"]),
-        ("median step time (ms)", 1e3 * p["median_step_s"], 1e3 * t["median_step_s"], None),
-        ("peak RSS (MiB)", p["peak_rss_mib"], t["peak_rss_mib"], summary["ratio_peak_rss"]),
-        ("RSS at train start (MiB)", p["rss_at_train_start_mib"], t["rss_at_train_start_mib"], None),
+        (f"throughput ({unit}/s)", "throughput", 1.0),
+        (f"throughput at the median step ({unit}/s)", "throughput_median_step", 1.0),
+        ("median step time (ms)", "median_step_s", 1e3),
+        ("median step CPU time (ms, both threads)", "median_step_cpu_s", 1e3),
+        ("peak RSS (MiB)", "peak_rss_mib", 1.0),
     ]
+    if "mean_completion_tokens" in p:
+        rows.append(("mean completion tokens (excl. EOS)", "mean_completion_tokens", 1.0))
+    n = min(p["runs"], t["runs"])
     lines = [f"**{title}** (median of {n} runs each)", "", "| | prefl | TRL | prefl / TRL |"]
     lines.append("|---|---|---|---|")
-    for name, a, b, ratio in rows:
-        r = f"{ratio:.2f}" if ratio is not None else f"{a / b:.2f}"
-        lines.append(f"| {name} | {a:.1f} | {b:.1f} | {r} |")
+    for name, key, scale in rows:
+        a, b = scale * p[key], scale * t[key]
+        lines.append(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
     return "\n".join(lines)
 
 
