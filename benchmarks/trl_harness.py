@@ -55,11 +55,6 @@ ADAMW: dict[str, Any] = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0
 MAX_GRAD_NORM = 1.0
 
 
-# ------------------------------------------------------------------------------------------------
-# Model, tokenizer and data
-# ------------------------------------------------------------------------------------------------
-
-
 @functools.cache
 def toy_task() -> ModuleType:
     """prefl's ``prefl/data/toy.py`` loaded on its own (it needs only the standard library):
@@ -145,11 +140,6 @@ def toy_oracle_reward(prompts: list[str], completions: list[str], **_: Any) -> l
     its import path ``trl_harness:toy_oracle_reward``)."""
     COMPLETION_WORDS.extend(len(c.split()) for c in completions)
     return toy_task().oracle_rewards(prompts, completions)
-
-
-# ------------------------------------------------------------------------------------------------
-# The step clock (inside a worker)
-# ------------------------------------------------------------------------------------------------
 
 
 def _rss_mib(field: str = "VmRSS") -> float:

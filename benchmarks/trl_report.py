@@ -11,6 +11,7 @@ config, the machine (CPU count, library versions) and every run's raw numbers.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -47,17 +48,25 @@ def base_parser(description: str, steps: int, batch: int, lr: float) -> argparse
 
 
 def prefl_revision() -> dict[str, Any]:
-    """The git commit of the prefl checkout and whether ``prefl/`` has local changes."""
-    root = Path(__file__).resolve().parents[1]
+    """Where the installed prefl lives (an editable install may point at another checkout), its
+    git commit, and whether its ``prefl/`` has uncommitted changes."""
+    spec = importlib.util.find_spec("prefl")
+    if spec is None or not spec.submodule_search_locations:
+        return {"path": None, "commit": None, "prefl_modified": None}
+    package = Path(next(iter(spec.submodule_search_locations)))
+    git = ["git", "-C", str(package.parent)]
     try:
-        git = ["git", "-C", str(root)]
         commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
         status = subprocess.run(
             [*git, "status", "--porcelain", "--", "prefl"], capture_output=True, text=True
         )
     except OSError:
-        return {"commit": None, "prefl_modified": None}
-    return {"commit": commit.stdout.strip() or None, "prefl_modified": bool(status.stdout.strip())}
+        return {"path": str(package), "commit": None, "prefl_modified": None}
+    return {
+        "path": str(package),
+        "commit": commit.stdout.strip() or None,
+        "prefl_modified": bool(status.stdout.strip()),
+    }
 
 
 def machine_info() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefl.functional import entropy_from_logits, next_token_targets, token_logps
+from prefl.functional import entropy_from_logits, token_logps
 from prefl.generation import completion_mask, generate_sampled
 
 
@@ -107,17 +107,36 @@ def response_logprobs(
     """Per-token log-probs ``(N, R)`` of the responses under ``model`` (logits / temperature),
     0 on padding; with ``with_entropy``, also the per-token entropy ``(N, R)``."""
     ids, mask, positions = responses.sequence()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    logits = logits / temperature
-    p, r = responses.query_ids.shape[1], responses.response_ids.shape[1]
-    loss_mask = torch.cat([torch.zeros_like(responses.query_mask), responses.response_mask], 1)
-    labels, target_mask = next_token_targets(ids, loss_mask)
-    logps = token_logps(logits, labels, target_mask)[:, p - 1 : p - 1 + r]
+    r = responses.response_ids.shape[1]
+    # only the R positions that predict response tokens go through the LM head (the prompt's
+    # logits are never used): the last R + 1 positions, minus the very last
+    logits = _response_logits(model, ids, mask, positions, r)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = token_logps(logits, responses.response_ids, responses.response_mask)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = entropy_from_logits(logits[:, p - 1 : p - 1 + r].detach())
+            entropy = entropy_from_logits(logits.detach())
     return logps, entropy
+
+
+def _response_logits(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    r: int,
+) -> torch.Tensor:
+    """Logits ``(N, R, V)`` at the positions that predict the ``R`` response tokens, asking the
+    model for its last ``R + 1`` positions only (``logits_to_keep``; no KV cache); models
+    without ``logits_to_keep`` compute them all and are sliced."""
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    try:
+        logits = model(**kwargs, use_cache=False, logits_to_keep=r + 1).logits
+    except TypeError:  # a model whose forward has no logits_to_keep
+        logits = model(**kwargs).logits
+    return logits[:, -(r + 1) : -1]
 
 
 def response_values(value_model: torch.nn.Module, responses: Responses) -> torch.Tensor:

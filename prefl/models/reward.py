@@ -100,7 +100,10 @@ class RewardModel(torch.nn.Module):
         """Rewards ``(B,)`` of ``input_ids`` ``(B, T)``, padded left or right (mask 1 = real)."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         )
         return out.logits[:, 0].float()
 

@@ -34,7 +34,10 @@ class ValueModel(torch.nn.Module):
     ) -> torch.Tensor:
         """Values ``(B, T)`` (float32) at every position of ``input_ids`` ``(B, T)``."""
         hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         ).last_hidden_state
         return reward_head(self.model)(hidden).squeeze(-1).float()
 

@@ -152,7 +152,7 @@ class DPOModule(ReferenceModule):
         ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         loss_mask = torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-        logits = model(input_ids=ids, attention_mask=attention).logits
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
         labels, mask = next_token_targets(ids, loss_mask)
         logps, lengths = token_logps(logits, labels, mask).sum(-1), mask.sum(-1)
         n = batch["chosen_input_ids"].shape[0]
