@@ -1,8 +1,8 @@
 """Sharding prefl's models with FSDP2 under Lightning's ``ModelParallelStrategy``.
 
 Lightning's ``ModelParallelStrategy`` hands the LightningModule a device mesh and leaves the
-parallelisation to ``configure_model``. prefl's modules then build every model they hold (policy,
-frozen reference, reward and value models) through :func:`build_sharded`:
+parallelisation to ``configure_model``. prefl's modules (``CausalLMModule.configure_model``)
+then build every model they hold (policy, frozen reference, reward and value models) this way:
 
 1. only global rank 0 reads the weights (or draws the random init); the other ranks build the
    same architecture on the ``meta`` device (:func:`empty_weights`), so no rank but one ever
@@ -22,7 +22,7 @@ collectives: :func:`gathered_params` unshards the policy once for the whole ``ge
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 
 import torch
@@ -97,31 +97,18 @@ def shard_model(model: torch.nn.Module, mesh: object) -> torch.nn.Module:
     return model
 
 
-def build_sharded(
-    build: Callable[[], torch.nn.Module], mesh: object, device: torch.device
-) -> torch.nn.Module:
-    """Build a model on rank 0 only (``meta`` elsewhere), shard it, broadcast rank 0's weights.
-
-    Args:
-        build: Builds the model; it is called once per rank, inside :func:`empty_weights` on
-            every rank but global rank 0.
-        mesh: The data-parallel device mesh.
-        device: This rank's device (the shards live there).
-
-    Returns:
-        The sharded model, every rank holding its shard of rank 0's weights.
-    """
-    rank0 = dist.get_rank() == 0
-    with contextlib.nullcontext() if rank0 else empty_weights():
-        model = build()
-    return broadcast_sharded(model, mesh, device, rank0)
-
-
 def broadcast_sharded(
     model: torch.nn.Module, mesh: object, device: torch.device, rank0: bool
 ) -> torch.nn.Module:
-    """Shard ``model`` (real on rank 0, ``meta`` elsewhere) and fill every rank's shards and
-    buffers with rank 0's values."""
+    """Shard ``model`` (real on rank 0, built inside :func:`empty_weights` elsewhere) and fill
+    every rank's shards and buffers with rank 0's values.
+
+    Args:
+        model: The model, on CPU on global rank 0 and on ``meta`` on the other ranks.
+        mesh: The data-parallel device mesh.
+        device: This rank's device (the shards live there).
+        rank0: Whether this is global rank 0.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     full = {k: v.detach().clone() for k, v in model.state_dict().items()} if rank0 else {}
