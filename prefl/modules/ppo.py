@@ -230,17 +230,16 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
             "ppo/eos_rate": r["responses"].ended.float(),
             **{f"ppo/score_{k}": v for k, v in scores.items() if k not in ("score", "raw")},
         }
-        real = self.trainer.strategy.reduce(weights.sum(), reduce_op="sum")
-        exact = {  # global means over the real responses of every rank (identical on all)
-            k: self.trainer.strategy.reduce((v.float() * weights).sum(), reduce_op="sum") / real
-            for k, v in per_response.items()
-        }
-        tokens = self.trainer.strategy.reduce(mask.sum(), reduce_op="sum")
         per_token = {"ppo/advantage_mean": r["advantages"]}
         if self.uses_critic:
             per_token["ppo/value_mean"] = r["values"]
-        for k, v in per_token.items():  # global token means
-            exact[k] = self.trainer.strategy.reduce((v * mask).sum(), reduce_op="sum") / tokens
+        # global means over every rank's real responses (or tokens), in one all-reduce
+        sums = [(v.float() * weights).sum() for v in per_response.values()]
+        sums += [(v * mask).sum() for v in per_token.values()] + [weights.sum(), mask.sum()]
+        *totals, real, tokens = self.trainer.strategy.reduce(torch.stack(sums), reduce_op="sum")
+        counts = [real] * len(per_response) + [tokens] * len(per_token)
+        names = [*per_response, *per_token]
+        exact = {k: t / c for k, t, c in zip(names, totals, counts, strict=True)}
         per_rank = {
             "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
             **{f"ppo/{k}": torch.tensor(v) for k, v in stats.items()},
