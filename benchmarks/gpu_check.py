@@ -28,11 +28,11 @@ import argparse
 import gc
 import json
 import platform
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import datasets
 import torch
 from gpu_check_parts import StepTimer, build_tokenizer, long_rows, matmul_params, time_ppo_phases
 from lightning.pytorch import Trainer, seed_everything
@@ -124,8 +124,12 @@ def data(args, tokenizer, mode: str) -> PreferenceDataModule:
     """Long toy rows; prompts get half the sequence (pairs) or all but ``--gen`` (PPO)."""
     budget = args.seq // 2 - 1 if mode == "pairs" else args.seq - args.gen - 1
     rows = long_rows(mode, args.steps * args.batch, budget, args.seq)
+    # a JSONL file, not Dataset.from_list: the latter's fingerprint pickles pyarrow types, which
+    # failed on the GPU machine (datasets 5.2, pyarrow 26, Python 3.12)
+    path = Path(tempfile.mkdtemp(prefix="prefl_gpu_check_")) / f"{mode}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return PreferenceDataModule(
-        dataset=datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}),
+        dataset=str(path),
         tokenizer=tokenizer,
         mode=mode,
         max_length=args.seq if mode == "pairs" else args.seq - args.gen,

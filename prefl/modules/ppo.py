@@ -249,7 +249,10 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
         n = int(real)
         log = {"on_step": True, "on_epoch": False, "batch_size": n, "prog_bar": False}
         self.log_dict({k: v.float() for k, v in exact.items()}, **log)
-        self.log_dict({k: v.float() for k, v in per_rank.items()}, sync_dist=True, **log)
+        # on the module's device: NCCL has no CPU backend for the sync_dist all-reduce
+        self.log_dict(
+            {k: v.float().to(self.device) for k, v in per_rank.items()}, sync_dist=True, **log
+        )
         self.log("ppo/score_step", exact["ppo/score"], prog_bar=True, batch_size=n)
         self.kl_ctl.update(float(exact["ppo/kl"]), n)
         every = self.cfg["log_samples_every"]
