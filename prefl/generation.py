@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from prefl.data.collate import pad
-from prefl.functional import next_token_targets, token_logps
+from prefl.models.selected import masked_sequence_logps
 from prefl.models.sharding import gathered_params
 
 
@@ -171,8 +171,7 @@ def score_samples(
         ids = pad(seqs, pad_token_id, length).to(device)
         attention = pad([[1] * len(s) for s in seqs], 0, length).to(device)
         loss_mask = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)]
-        labels, mask = next_token_targets(ids, pad(loss_mask, 0, length).to(device))
-        logits = model(input_ids=ids, attention_mask=attention).logits
-        out.append(token_logps(logits, labels, mask).sum(-1).float().cpu())
+        sums, _ = masked_sequence_logps(model, ids, attention, pad(loss_mask, 0, length).to(device))
+        out.append(sums.float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)

@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from prefl.functional import global_weighted_mean, next_token_targets, token_logps
+from prefl.functional import global_weighted_mean
 from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss_terms, implicit_rewards
 from prefl.models import CausalLMSpec, disable_dropout, is_lora
+from prefl.models.selected import masked_sequence_logps
 from prefl.modules.reference import ReferenceModule
 from prefl.modules.schedules import WarmupCosineLR
 
@@ -152,9 +153,8 @@ class DPOModule(ReferenceModule):
         ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         loss_mask = torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        labels, mask = next_token_targets(ids, loss_mask)
-        logps, lengths = token_logps(logits, labels, mask).sum(-1), mask.sum(-1)
+        # the LM head projects only the completion positions (see prefl.models.selected)
+        logps, lengths = masked_sequence_logps(model, ids, attention, loss_mask)
         n = batch["chosen_input_ids"].shape[0]
         return {
             "chosen_logps": logps[:n],

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from prefl.functional import global_weighted_mean, next_token_targets
 from prefl.losses import sft_loss
 from prefl.models import CausalLMSpec
+from prefl.models.selected import selected_logits
 from prefl.modules.base import CausalLMModule
 
 
@@ -55,11 +56,13 @@ class SFTModule(CausalLMModule):
         return out.logits
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
         labels, mask = next_token_targets(batch["input_ids"], batch["loss_mask"])
         if "sample_weight" in batch:  # data-parallel padding repeats: no tokens
-            mask = mask * (batch["sample_weight"][:, None] > 0).to(mask.dtype)
-        loss, n_tokens, correct = sft_loss(logits, labels, mask)
+            mask = mask & (batch["sample_weight"][:, None] > 0)
+        # the LM head projects only the scored positions: (N, V) logits for N target tokens
+        logits = selected_logits(self.model, batch["input_ids"], batch["attention_mask"], mask)
+        ones = torch.ones(1, logits.shape[0], dtype=torch.bool, device=logits.device)
+        loss, n_tokens, correct = sft_loss(logits.unsqueeze(0), labels[mask].unsqueeze(0), ones)
         weight = n_tokens.float()
         self.metrics[f"{stage}_nll"](loss.detach(), weight)
         self.metrics[f"{stage}_accuracy"](correct.float() / weight.clamp(min=1), weight)

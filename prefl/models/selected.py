@@ -1,0 +1,108 @@
+"""Logits at chosen positions only: the LM head projects just the rows a loss reads.
+
+A causal LM's output projection turns every position's hidden state into ``V`` logits, but DPO,
+SFT and sample scoring read the logits only where the next token is a completion token (about
+40% of the positions on typical preference data, where prompts are long). For a 32k vocabulary
+the projection, its backward and the log-softmax over the unread rows are a large share of a
+small model's step.
+
+:func:`selected_logits` runs the model's own ``forward`` (so FSDP2's root hooks, DeepSpeed's
+parameter gathering, LoRA wrappers and logit soft-capping all still apply) with a forward
+pre-hook on the output embedding that keeps only the selected hidden rows before the
+projection. Models without ``get_output_embeddings`` fall back to full logits, then select.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefl.functional import next_token_targets, token_logps
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module that projects hidden states to vocabulary logits, or None if not found.
+
+    Args:
+        model: A Hugging Face causal LM, possibly wrapped by ``peft`` (whose attribute lookup
+            reaches the base model's ``get_output_embeddings``).
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def selected_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Logits ``(N, V)`` at the ``N`` positions where ``positions`` is True, in row-major order.
+
+    Equal to ``model(input_ids, attention_mask).logits[positions]``, but the output projection
+    sees only the selected rows (forward and backward).
+
+    Args:
+        model: A causal LM taking ``input_ids``, ``attention_mask`` and ``use_cache``.
+        input_ids: ``(B, T)`` token ids.
+        attention_mask: ``(B, T)``, 1 on real tokens, 0 on padding.
+        positions: ``(B, T)`` bool, True where the logits are wanted.
+
+    Returns:
+        ``(N, V)`` logits with ``N = positions.sum()``, ordered by row then position (the order
+        of ``positions.nonzero()``).
+    """
+    positions = positions.to(torch.bool)
+    head = output_head(model)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if head is None:
+        return model(**kwargs).logits[positions]
+    seen: list[bool] = []
+
+    def keep_rows(module: torch.nn.Module, args: tuple) -> tuple | None:
+        hidden = args[0]
+        if seen or hidden.shape[:2] != positions.shape:
+            return None  # a second call, or hidden states already sliced: leave them alone
+        seen.append(True)
+        return (hidden[positions].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_rows)
+    try:
+        logits = model(**kwargs).logits
+    finally:
+        handle.remove()
+    if not seen:  # the head was bypassed or saw other shapes: select from the full logits
+        return logits[positions]
+    return logits.squeeze(0)
+
+
+def masked_sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of each row's next-token log-probs over its loss-mask tokens, projecting only those.
+
+    ``sums[b] = sum_t loss_mask[b, t] * log p(input_ids[b, t] | input_ids[b, :t])`` for
+    ``t >= 1``, the same as ``sequence_logps(model(...).logits, *next_token_targets(ids,
+    loss_mask))`` up to summation order.
+
+    Args:
+        model: A causal LM taking ``input_ids``, ``attention_mask`` and ``use_cache``.
+        input_ids: ``(B, T)`` token ids, right-padded.
+        attention_mask: ``(B, T)``, 1 on real tokens, 0 on padding.
+        loss_mask: ``(B, T)``, 1 on the tokens to score (completions), 0 elsewhere.
+        chunk_size: Rows per chunk of the log-softmax (see :func:`prefl.functional.token_logps`).
+
+    Returns:
+        ``(sums, lengths)``: ``(B,)`` float32 log-prob sums and ``(B,)`` scored-token counts.
+    """
+    labels, mask = next_token_targets(input_ids, loss_mask)
+    logits = selected_logits(model, input_ids, attention_mask, mask)
+    ones = torch.ones(1, logits.shape[0], dtype=torch.bool, device=logits.device)
+    logps = token_logps(logits.unsqueeze(0), labels[mask].unsqueeze(0), ones, chunk_size)[0]
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(mask.shape[0], dtype=logps.dtype, device=logps.device)
+    return sums.index_add(0, rows, logps), mask.sum(-1)
