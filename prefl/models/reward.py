@@ -98,12 +98,13 @@ class RewardModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards ``(B,)`` of ``input_ids`` ``(B, T)``, padded left or right (mask 1 = real)."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs = {}
+        if not bool(attention_mask[:, 0].all()):  # left padding: positions follow the mask
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # right padding (or none): the model's default positions 0..T-1 are the same for every
+        # real token, and one (1, T) rotary table is cheaper than a (B, T) one
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
         )
         return out.logits[:, 0].float()
 

@@ -115,6 +115,26 @@ def test_left_padding_needs_positions_from_the_mask(tok):
     assert (bare - alone(rm, SEQS)).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+def test_positions_are_passed_only_for_left_padding(tok, left):
+    """Right padding keeps the model's default positions (one ``(1, T)`` rotary table, the
+    cheaper path) and scores exactly as explicit mask-following positions do; left padding
+    passes them."""
+    rm = toy_reward_model(tok)
+    ids, mask = batch(SEQS, left=left)
+    seen = []
+    hook = rm.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("position_ids")), with_kwargs=True
+    )
+    with torch.no_grad():
+        got = rm(ids, mask)
+        hook.remove()
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        explicit = rm.model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    assert (seen[0] is not None) == left
+    torch.testing.assert_close(got, explicit.logits[:, 0].float(), rtol=0, atol=0)
+
+
 def test_reward_depends_on_the_last_real_token(tok):
     """Changing only the final real token of the shortest sequence changes its reward (the
     read-out is not at a pad position), and leaves the others' rewards untouched."""
