@@ -78,6 +78,7 @@ def run_prefl(args: argparse.Namespace, clock: StepClock) -> None:
         max_prompt_length=args.max_prompt_length,
         batch_size=args.batch,
         seed=args.seed,
+        group_by_length=args.group_by_length,
     )
     module = DPOModule(
         model_dir,

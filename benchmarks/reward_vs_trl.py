@@ -80,6 +80,7 @@ def run_prefl(args: argparse.Namespace, clock: StepClock) -> None:
         max_prompt_length=args.max_prompt_length,
         batch_size=args.batch,
         seed=args.seed,
+        group_by_length=args.group_by_length,
     )
     module = RewardModule(model_dir, optimizer=prefl_adamw(args.lr), lr_scheduler=None)
     prefl_trainer(args, clock).fit(module, datamodule=data)

@@ -41,6 +41,11 @@ def base_parser(description: str, steps: int, batch: int, lr: float) -> argparse
     parser.add_argument("--max-length", type=int, default=32, help="prompt + completion tokens")
     parser.add_argument("--max-prompt-length", type=int, default=16, help="prompt tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="prefl only: PreferenceDataModule(group_by_length=True) (TRL keeps its shuffle)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="where to write the results")
     parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -92,9 +97,10 @@ def worker_argv(script: Path, lib: str, args: argparse.Namespace, workdir: Path)
     """Command line of one worker: the script itself with ``--worker`` and the same options."""
     argv = [sys.executable, str(script), "--worker", lib, "--workdir", str(workdir)]
     for key, value in vars(args).items():
-        if key in ("worker", "workdir", "json", "repeats") or value is None:
+        if key in ("worker", "workdir", "json", "repeats") or value is None or value is False:
             continue
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        argv += [flag] if value is True else [flag, str(value)]
     return argv
 
 

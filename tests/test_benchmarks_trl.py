@@ -20,7 +20,7 @@ TINY = ["--steps", "3", "--warmup", "1", "--batch", "2", "--repeats", "1", "--th
     ("script", "extra"),
     [
         ("dpo_vs_trl", []),
-        ("reward_vs_trl", []),
+        ("reward_vs_trl", ["--group-by-length"]),
         ("rloo_vs_trl", ["--num-generations", "2", "--max-new-tokens", "4"]),
     ],
 )

@@ -29,7 +29,13 @@ from prefl.data import toy
 from prefl.data.accounting import keep_and_count
 from prefl.data.collate import PreferenceCollator
 from prefl.data.formats import Columns
-from prefl.data.sampling import MarkedDataset, ResumableTrainData, WeightedDistributedSampler
+from prefl.data.sampling import (
+    MarkedDataset,
+    ResumableTrainData,
+    WeightedDistributedSampler,
+    choose_sampler,
+    row_lengths,
+)
 from prefl.data.tokenize import Limits, tokenize_batch, with_source_rows
 from prefl.data.validate import (
     check_columns,
@@ -85,6 +91,9 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         num_workers: DataLoader worker processes.
         num_proc: Processes for the tokenizing ``Dataset.map``.
         pad_to_multiple_of: Round padded lengths up to this multiple.
+        group_by_length: Training batches of similar lengths, for less padding: each epoch's
+            seeded shuffle is cut into windows of 50 batches (per rank) sorted longest first
+            (:func:`prefl.data.sampling.group_by_length`); off = the plain shuffle.
         error_on_drop: Raise instead of dropping rows (identical pairs, rows that cannot fit).
         trust_remote_code: Allow a hub tokenizer's own code to run (off by default).
         cache_dir: Where ``datasets`` caches downloads and tokenized splits.
@@ -118,6 +127,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         num_workers: int = 0,
         num_proc: int | None = None,
         pad_to_multiple_of: int | None = None,
+        group_by_length: bool = False,
         error_on_drop: bool = False,
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
@@ -260,28 +270,16 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         )
 
     def _sampler(self, split: str, train: bool) -> tuple[WeightedDistributedSampler | None, bool]:
-        """The sampler, and whether rows carry ``sample_weight``.
-
-        Under data parallelism: a sampler that marks its padding repeats (weight 0), so an
-        uneven last batch is neither dropped nor counted twice. Otherwise training batches come
-        in a seeded order per epoch (``seed + epoch``, not the global RNG), so a run resumed
-        mid-epoch sees the rows an uninterrupted one would; evaluation is in row order. With
-        ``Trainer(use_distributed_sampler=False)`` every rank reads all the rows.
-        """
-        trainer = getattr(self, "trainer", None)
-        seed = int(os.environ.get("PL_GLOBAL_SEED", self.hparams.seed))
-        dataset, kwargs = self.datasets[split], {"num_replicas": 1, "rank": 0}
-        if (
-            trainer is not None
-            and trainer.world_size > 1
-            and trainer._accelerator_connector.use_distributed_sampler
-        ):
-            kwargs = trainer.strategy.distributed_sampler_kwargs or kwargs
-        if kwargs["num_replicas"] > 1:
-            return WeightedDistributedSampler(dataset, shuffle=train, seed=seed, **kwargs), True
-        if train:
-            return WeightedDistributedSampler(dataset, shuffle=True, seed=seed, **kwargs), False
-        return None, False
+        """The sampler, and whether rows carry ``sample_weight`` (see :func:`choose_sampler`)."""
+        h = self.hparams
+        return choose_sampler(
+            self.datasets[split],
+            getattr(self, "trainer", None),
+            train,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", h.seed)),
+            lengths=row_lengths(self.datasets[split]) if train and h.group_by_length else None,
+            batch_size=h.batch_size,
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""

@@ -12,15 +12,62 @@ and metrics weighted means, so the padding changes neither.
 that reach the model in each epoch and saves the count in checkpoints; a run resumed mid-epoch
 skips that many batches of the (seeded, hence identical) order instead of starting the epoch
 again.
+
+:func:`group_by_length` (``PreferenceDataModule(group_by_length=True)``) reorders the seeded
+shuffle into windows of similar-length rows, so batches carry less padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
+
+#: Batches (per data-parallel rank) in one length-sorted window of :func:`group_by_length`.
+WINDOW_BATCHES = 50
+
+
+def group_by_length(order: Sequence[int], lengths: Sequence[int], window: int) -> list[int]:
+    """Sort each window of ``window`` consecutive indices of ``order`` by length, longest first.
+
+    The windows keep the randomness of ``order`` (which rows share a window, and the windows'
+    order); inside one, neighbours have similar lengths, so a batch cut from consecutive indices
+    carries little padding. Ties keep their order in ``order`` (stable sort). This is Hugging
+    Face's ``group_by_length`` "megabatch" scheme.
+
+    Args:
+        order: A permutation of row indices (e.g. an epoch's seeded shuffle).
+        lengths: ``lengths[i]`` is row ``i``'s padded cost (its longest sequence in tokens).
+        window: Indices per sorted window (``>= 1``).
+
+    Returns:
+        The reordered indices: the same multiset as ``order``.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out: list[int] = []
+    for start in range(0, len(order), window):
+        chunk = list(order[start : start + window])
+        out += sorted(chunk, key=lambda i: -lengths[i])
+    return out
+
+
+def row_lengths(dataset: Any) -> list[int]:
+    """Each tokenized row's padded cost in tokens: the prompt plus its longest completion.
+
+    Args:
+        dataset: A tokenized split (``prompt_ids`` and ``chosen_ids``/``rejected_ids``,
+            ``completion_ids``, or prompts only), as the data module builds it.
+    """
+    names = ("chosen_ids", "rejected_ids", "completion_ids")
+    columns = [c for c in names if c in dataset.column_names]
+    prompts = [len(p) for p in dataset["prompt_ids"]]
+    longest = [0] * len(prompts)
+    for column in columns:
+        longest = [max(a, len(b)) for a, b in zip(longest, dataset[column], strict=True)]
+    return [p + c for p, c in zip(prompts, longest, strict=True)]
 
 
 class WeightedDistributedSampler(DistributedSampler):
@@ -35,13 +82,26 @@ class WeightedDistributedSampler(DistributedSampler):
         rank: This rank's data-parallel index.
         shuffle: Shuffle (reseeded every epoch by ``set_epoch``, as Lightning does).
         seed: Shuffle seed, equal on every rank.
+        lengths: Per-row lengths: if given, the shuffled order is grouped by length
+            (:func:`group_by_length`, windows of ``WINDOW_BATCHES`` batches on every rank), so
+            each rank's batches, and the ranks' batches of one step, have similar lengths.
+        batch_size: Rows per batch and rank (sets the window size with ``lengths``).
     """
 
     def __init__(
-        self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int = 0
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
     ) -> None:
         super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=False)
-
+        if lengths is not None and len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for a dataset of {len(dataset)} rows")
+        self.lengths, self.window = lengths, WINDOW_BATCHES * batch_size * num_replicas
         self.resume: tuple[int, int] | None = None
 
     def resume_at(self, epoch: int, skip: int) -> None:
@@ -58,6 +118,8 @@ class WeightedDistributedSampler(DistributedSampler):
             order = torch.randperm(n, generator=generator).tolist()
         else:
             order = list(range(n))
+        if self.lengths is not None:  # rank r takes every num_replicas-th index of a window
+            order = group_by_length(order, self.lengths, self.window)
         if self.num_replicas > 1:
             order += [n + order[i % n] for i in range(self.total_size - n)]  # marked repeats
         mine = order[self.rank : len(order) : self.num_replicas]
@@ -65,6 +127,45 @@ class WeightedDistributedSampler(DistributedSampler):
             mine = mine[self.resume[1] :]
         self.resume = None
         return iter(mine)
+
+
+def choose_sampler(
+    dataset: Any,
+    trainer: Any,
+    train: bool,
+    seed: int,
+    lengths: Sequence[int] | None = None,
+    batch_size: int = 1,
+) -> tuple[WeightedDistributedSampler | None, bool]:
+    """The data module's sampler for a split, and whether rows carry ``sample_weight``.
+
+    Under data parallelism: a sampler that marks its padding repeats (weight 0), so an uneven
+    last batch is neither dropped nor counted twice. Otherwise training batches come in a
+    seeded order per epoch (``seed + epoch``, not the global RNG), so a run resumed mid-epoch
+    sees the rows an uninterrupted one would; evaluation is in row order (no sampler). With
+    ``Trainer(use_distributed_sampler=False)`` every rank reads all the rows.
+
+    Args:
+        dataset: The tokenized split.
+        trainer: The attached Lightning ``Trainer``, or None.
+        train: Whether this is the training split (shuffled).
+        seed: Shuffle seed.
+        lengths: Per-row lengths to group training batches by (None = no grouping).
+        batch_size: Rows per batch and rank (the grouping window's unit).
+    """
+    kwargs: dict[str, Any] = {"num_replicas": 1, "rank": 0}
+    if (
+        trainer is not None
+        and trainer.world_size > 1
+        and trainer._accelerator_connector.use_distributed_sampler
+    ):
+        kwargs = dict(trainer.strategy.distributed_sampler_kwargs or kwargs)
+    kwargs.update(seed=seed, lengths=lengths, batch_size=batch_size)
+    if kwargs["num_replicas"] > 1:
+        return WeightedDistributedSampler(dataset, shuffle=train, **kwargs), True
+    if train:
+        return WeightedDistributedSampler(dataset, shuffle=True, **kwargs), False
+    return None, False
 
 
 class MarkedDataset(Dataset):
