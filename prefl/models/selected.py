@@ -60,11 +60,10 @@ def selected_logits(
     seen: list[bool] = []
 
     def keep_rows(module: torch.nn.Module, args: tuple) -> tuple | None:
-        hidden = args[0]
-        if seen or hidden.shape[:2] != positions.shape:
-            return None  # a second call, or hidden states already sliced: leave them alone
+        if seen or not args or args[0].shape[:2] != positions.shape:
+            return None  # a second call, a keyword call or sliced hidden states: leave them
         seen.append(True)
-        return (hidden[positions].unsqueeze(0), *args[1:])
+        return (args[0][positions].unsqueeze(0), *args[1:])
 
     handle = head.register_forward_pre_hook(keep_rows)
     try:

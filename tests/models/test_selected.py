@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -42,7 +44,7 @@ def head_rows(m: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.Removabl
     """Record how many hidden rows the output head projects per call."""
     rows: list[int] = []
     hook = output_head(m).register_forward_hook(
-        lambda mod, args, out: rows.append(args[0].shape[:-1].numel())
+        lambda mod, args, out: rows.append(out.shape[:-1].numel())  # logits rows made
     )
     return rows, hook
 
@@ -98,6 +100,32 @@ def test_a_model_without_an_output_head_falls_back_to_full_logits():
     m = model()
     wrapped = NoHead(m)
     assert output_head(wrapped) is None
+    _, mask = next_token_targets(IDS, LOSS)
+    rows, hook = head_rows(m)
+    got = selected_logits(wrapped, IDS, ATTN, mask)
+    hook.remove()
+    assert rows == [IDS.numel()]  # every position projected, then selected
+    torch.testing.assert_close(got, m(input_ids=IDS, attention_mask=ATTN).logits[mask])
+
+
+class KeywordHead(torch.nn.Module):
+    """Calls its output head with a keyword argument, so the pre-hook sees no positional input."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.lm_head = inner, inner.lm_head
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask, use_cache=False):
+        hidden = self.inner.model(input_ids=input_ids, attention_mask=attention_mask)
+        return SimpleNamespace(logits=self.lm_head(input=hidden.last_hidden_state))
+
+
+def test_a_keyword_call_of_the_head_falls_back_to_selecting_from_full_logits():
+    m = model()
+    wrapped = KeywordHead(m)
     _, mask = next_token_targets(IDS, LOSS)
     rows, hook = head_rows(m)
     got = selected_logits(wrapped, IDS, ATTN, mask)
