@@ -81,6 +81,7 @@ SCRIPT = textwrap.dedent(
     RUNS = {
         "dpo_uneven": ("dpo", "pairs7", 1),
         "dpo_even": ("dpo", "pairs8", 1),
+        "dpo_uneven_grouped": ("dpo", "pairs7", 1),  # group_by_length=True (name suffix)
         "reward_uneven": ("reward", "pairs7", 1),
         "ppo_uneven": ("ppo", "prompts5", 2),
     }
@@ -227,6 +228,7 @@ SCRIPT = textwrap.dedent(
             max_length=32,
             max_prompt_length=16,
             cache_dir=str(Path(data_root) / "cache"),
+            group_by_length=name.endswith("_grouped"),
         )
         memory = Memory()
         trainer = Trainer(
@@ -375,6 +377,13 @@ def test_dpo_uneven_split_matches_one_process(runs):
 @pytest.mark.slow
 def test_dpo_even_split_matches_one_process(runs):
     check_pair_run(runs, "dpo_even", n_train=8, n_val=6)
+
+
+@pytest.mark.slow
+def test_dpo_length_grouped_uneven_split_matches_one_process(runs):
+    """Length grouping reorders which rows each rank gets, but every real row still counts once:
+    loss, gradient and metrics stay the one-process ones."""
+    check_pair_run(runs, "dpo_uneven_grouped", n_train=7, n_val=5)
 
 
 @pytest.mark.slow
