@@ -28,14 +28,13 @@ from typing import Any
 import torch
 from trl_harness import (
     StepClock,
-    build_model_dir,
     finish_worker,
     prefl_adamw,
+    prefl_data,
     prefl_trainer,
-    toy_pair_rows,
+    prepare_pairs,
     trl_clock,
     trl_common_args,
-    write_jsonl,
 )
 from trl_report import base_parser, compare
 
@@ -57,31 +56,15 @@ META: dict[str, Any] = {
 }
 
 
-def prepare(workdir: Path, args: argparse.Namespace) -> None:
-    """The shared model directory and preference pairs (enough rows for every step)."""
-    build_model_dir(workdir / "model", seed=args.seed)
-    rows = toy_pair_rows(max(512, args.batch * (args.steps + 1)), seed=args.seed)
-    write_jsonl(workdir / "pairs.jsonl", rows)
-
-
 def run_prefl(args: argparse.Namespace, clock: StepClock) -> None:
     """``PreferenceDataModule`` + ``RewardModule`` under a Lightning ``Trainer``."""
     from lightning.pytorch import seed_everything
 
-    from prefl import PreferenceDataModule, RewardModule
+    from prefl import RewardModule
 
     seed_everything(args.seed, verbose=False)
     model_dir = str(args.workdir / "model")
-    data = PreferenceDataModule(
-        dataset=str(args.workdir / "pairs.jsonl"),
-        tokenizer=model_dir,
-        mode="pairs",
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        batch_size=args.batch,
-        seed=args.seed,
-        group_by_length=args.group_by_length,
-    )
+    data = prefl_data(args, "pairs")
     module = RewardModule(model_dir, optimizer=prefl_adamw(args.lr), lr_scheduler=None)
     prefl_trainer(args, clock).fit(module, datamodule=data)
 
@@ -114,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = base_parser(__doc__.split("\n")[0], steps=120, batch=16, lr=5e-5)
     args = parser.parse_args(argv)
     if args.worker is None:
-        return compare(Path(__file__).resolve(), args, prepare, META)
+        return compare(Path(__file__).resolve(), args, prepare_pairs, META)
     torch.set_num_threads(args.threads)
     clock = StepClock()
     (run_prefl if args.worker == "prefl" else run_trl)(args, clock)

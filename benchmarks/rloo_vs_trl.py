@@ -34,6 +34,7 @@ from trl_harness import (
     build_model_dir,
     finish_worker,
     prefl_adamw,
+    prefl_data,
     prefl_trainer,
     toy_oracle_reward,
     toy_prompt_rows,
@@ -86,20 +87,11 @@ def run_prefl(args: argparse.Namespace, clock: StepClock) -> None:
     ``Trainer`` (manual optimisation: the module clips and steps itself)."""
     from lightning.pytorch import seed_everything
 
-    from prefl import PPOModule, PreferenceDataModule
+    from prefl import PPOModule
 
     seed_everything(args.seed, verbose=False)
     model_dir = str(args.workdir / "model")
-    data = PreferenceDataModule(
-        dataset=str(args.workdir / "prompts.jsonl"),
-        tokenizer=model_dir,
-        mode="prompts",
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        batch_size=args.batch,
-        seed=args.seed,
-        group_by_length=args.group_by_length,
-    )
+    data = prefl_data(args, "prompts")
     module = PPOModule(
         model_dir,
         reward_fns=["trl_harness:toy_oracle_reward"],

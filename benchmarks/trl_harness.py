@@ -125,6 +125,13 @@ def toy_pair_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return [{**r, "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]} for r in rows]
 
 
+def prepare_pairs(workdir: Path, args: argparse.Namespace) -> None:
+    """The shared model directory and preference pairs (enough rows for every step)."""
+    build_model_dir(workdir / "model", seed=args.seed)
+    rows = toy_pair_rows(max(512, args.batch * (args.steps + 1)), seed=args.seed)
+    write_jsonl(workdir / "pairs.jsonl", rows)
+
+
 def toy_prompt_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` toy prompt rows (drawn with replacement from the training prompts)."""
     return toy_task().prompt_rows(n, seed=seed)
@@ -245,6 +252,23 @@ def prefl_adamw(lr: float) -> Callable[[Any], torch.optim.Optimizer]:
         return torch.optim.AdamW(params, lr=lr, **ADAMW)
 
     return build
+
+
+def prefl_data(args: argparse.Namespace, mode: str) -> Any:
+    """prefl's ``PreferenceDataModule`` over the worker's JSONL file (``pairs.jsonl`` for
+    ``pairs``, ``prompts.jsonl`` for ``prompts``), the benchmark's lengths, batch and seed."""
+    from prefl import PreferenceDataModule
+
+    return PreferenceDataModule(
+        dataset=str(args.workdir / f"{mode}.jsonl"),
+        tokenizer=str(args.workdir / "model"),
+        mode=mode,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch,
+        seed=args.seed,
+        group_by_length=args.group_by_length,
+    )
 
 
 def prefl_trainer(args: argparse.Namespace, clock: StepClock, clip: bool = True) -> Any:
