@@ -2,9 +2,9 @@
 
 Kept apart so the check itself stays a short script:
 
-- :func:`build_tokenizer`: a word-level tokenizer (``tokenizers`` library, no download) holding the
-  toy task's words, padded with synthetic words to the vocabulary size of a real model (32k), with
-  distinct PAD, EOS, BOS and UNK.
+- :func:`build_tokenizer` (the one of :mod:`trl_harness`, re-exported): a word-level tokenizer
+  (``tokenizers`` library, no download) holding the toy task's words, padded with synthetic
+  words to the vocabulary size of a real model (32k), with distinct PAD, EOS, BOS and UNK.
 - :func:`long_rows`: the toy task's rows joined end to end until each row nearly fills the
   sequence length, so throughput is measured on full sequences rather than 15-token ones.
 - :class:`StepTimer`: a callback timing every training batch (CUDA-synchronised) and counting its
@@ -21,32 +21,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from trl_harness import build_tokenizer
 
 from prefl.data import toy
 
-SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
-
-
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: specials, the toy words, then ``w<i>`` fillers up to ``vocab_size``."""
-    words = [*SPECIALS, *toy.vocabulary()]
-    words += [f"w{i}" for i in range(vocab_size - len(words))]
-    vocab = {word: i for i, word in enumerate(words)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-    )
+__all__ = ["StepTimer", "build_tokenizer", "long_rows", "matmul_params", "time_ppo_phases"]
 
 
 def _fill(texts: list[str], budget: int, rng: random.Random) -> str:
