@@ -75,6 +75,31 @@ def selected_logits(
     return logits.squeeze(0)
 
 
+def scored_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(logits, labels, mask)`` of a token loss, cut down to the ``N`` scored positions.
+
+    Args:
+        model: A causal LM taking ``input_ids``, ``attention_mask`` and ``use_cache``.
+        input_ids: ``(B, T)`` token ids.
+        attention_mask: ``(B, T)``, 1 on real tokens, 0 on padding.
+        labels: ``(B, T)`` targets aligned with the logits (see ``next_token_targets``).
+        mask: ``(B, T)`` bool, True on the positions to score.
+
+    Returns:
+        ``(1, N, V)`` logits, ``(1, N)`` labels and an all-True ``(1, N)`` mask: the inputs of
+        ``token_logps`` or ``sft_loss``, flattened to the scored tokens in row-major order.
+    """
+    logits = selected_logits(model, input_ids, attention_mask, mask).unsqueeze(0)
+    ones = torch.ones(1, logits.shape[1], dtype=torch.bool, device=logits.device)
+    return logits, labels[mask].unsqueeze(0), ones
+
+
 def masked_sequence_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -99,9 +124,8 @@ def masked_sequence_logps(
         ``(sums, lengths)``: ``(B,)`` float32 log-prob sums and ``(B,)`` scored-token counts.
     """
     labels, mask = next_token_targets(input_ids, loss_mask)
-    logits = selected_logits(model, input_ids, attention_mask, mask)
-    ones = torch.ones(1, logits.shape[0], dtype=torch.bool, device=logits.device)
-    logps = token_logps(logits.unsqueeze(0), labels[mask].unsqueeze(0), ones, chunk_size)[0]
+    scored = scored_tokens(model, input_ids, attention_mask, labels, mask)
+    logps = token_logps(*scored, chunk_size)[0]
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(mask.shape[0], dtype=logps.dtype, device=logps.device)
     return sums.index_add(0, rows, logps), mask.sum(-1)

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from prefl.functional import global_weighted_mean, next_token_targets
 from prefl.losses import sft_loss
 from prefl.models import CausalLMSpec
-from prefl.models.selected import selected_logits
+from prefl.models.selected import scored_tokens
 from prefl.modules.base import CausalLMModule
 
 
@@ -60,9 +60,8 @@ class SFTModule(CausalLMModule):
         if "sample_weight" in batch:  # data-parallel padding repeats: no tokens
             mask = mask & (batch["sample_weight"][:, None] > 0)
         # the LM head projects only the scored positions: (N, V) logits for N target tokens
-        logits = selected_logits(self.model, batch["input_ids"], batch["attention_mask"], mask)
-        ones = torch.ones(1, logits.shape[0], dtype=torch.bool, device=logits.device)
-        loss, n_tokens, correct = sft_loss(logits.unsqueeze(0), labels[mask].unsqueeze(0), ones)
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        loss, n_tokens, correct = sft_loss(*scored_tokens(self.model, ids, attention, labels, mask))
         weight = n_tokens.float()
         self.metrics[f"{stage}_nll"](loss.detach(), weight)
         self.metrics[f"{stage}_accuracy"](correct.float() / weight.clamp(min=1), weight)
