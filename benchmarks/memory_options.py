@@ -182,7 +182,7 @@ def build(name: str, workdir: Path, settings: dict[str, Any]) -> tuple[Any, Any,
     trainer_args: dict[str, Any] = {"precision": "bf16-mixed" if "bf16" in flags else "32-true"}
     if stage == "dpo":
         if "naive" in flags:
-            prefl.models.selected.token_logps = naive_token_logps  # the name DPOModule calls
+            prefl.models.selected.token_logps = naive_token_logps  # what DPO log-probs call
         module = DPOModule(
             spec, optimizer=optimizer, lr_scheduler=None,
             precompute_ref_logps="precompute" in flags,
