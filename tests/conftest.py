@@ -5,7 +5,10 @@ processes (pytest, a CLI run, two DDP ranks) each spinning two threads slow each
 order of magnitude. Subprocesses inherit ``OMP_NUM_THREADS``.
 """
 
+import gzip
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +33,26 @@ def sft_dir(tmp_path_factory):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+def _shared_data_dir() -> Path:
+    """``$PREFL_SHARED_DATA`` if set, else ``../shared/data`` beside the checkout."""
+    env = os.environ.get("PREFL_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def hh_path() -> Path:
+    """The real Anthropic HH harmless test split (2,312 implicit-prompt rows); the test skips where
+    the file is absent (set ``PREFL_SHARED_DATA`` to the folder that holds it)."""
+    path = _shared_data_dir() / "hh-rlhf-harmless-base-test.jsonl.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (set PREFL_SHARED_DATA or check out ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hh_rows(hh_path) -> list[dict]:
+    """The rows of ``hh_path``, parsed."""
+    with gzip.open(hh_path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

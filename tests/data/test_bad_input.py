@@ -33,12 +33,6 @@ PROMPTS = ["happily , the movie was", "sadly , the film is", "honestly , the cas
 REPLIES = [("great fun", "bad"), ("good", "dull"), ("moving", "weak")]
 PROMPT_IDS = {"explicit": 6, "implicit": 8, "conversational": 9, "conversational-full": 9}
 FORMATS = list(PROMPT_IDS)
-HH_PATH = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared"
-    / "data"
-    / "hh-rlhf-harmless-base-test.jsonl.gz"
-)
 DEL = object()  # a patch value that removes the key from the row
 
 
@@ -696,13 +690,10 @@ def _hh_tokenizer(rows: list[dict]) -> PreTrainedTokenizerFast:
     )
 
 
-def test_real_hh_rows_are_all_accounted_for(tmp_path):
-    if not HH_PATH.is_file():
-        pytest.skip(f"{HH_PATH} is absent (needs ../shared/data)")
-    with gzip.open(HH_PATH, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
+def test_real_hh_rows_are_all_accounted_for(tmp_path, hh_path, hh_rows):
+    rows = hh_rows
     dm = PreferenceDataModule(
-        str(HH_PATH),
+        str(hh_path),
         tokenizer=_hh_tokenizer(rows),
         mode="pairs",
         val_fraction=0.1,

@@ -24,12 +24,6 @@ from prefl.data.formats import ASSISTANT_MARKER, split_implicit
 from prefl.data.toy import TOY_SIZES
 from prefl.models.tokenizers import PAD_TOKEN, build_toy_tokenizer, load_tokenizer
 
-HH_PATH = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared"
-    / "data"
-    / "hh-rlhf-harmless-base-test.jsonl.gz"
-)
 RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 PAIRS = [
@@ -597,15 +591,8 @@ def test_tokenizer_without_eos_is_an_error():
 # --------------------------------------------------------------------------- real HH-RLHF data
 
 
-def _hh_rows() -> list[dict]:
-    if not HH_PATH.is_file():
-        pytest.skip(f"{HH_PATH} is absent (needs ../shared/data)")
-    with gzip.open(HH_PATH, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def test_hh_implicit_split_on_every_row():
-    rows = _hh_rows()
+def test_hh_implicit_split_on_every_row(hh_rows):
+    rows = hh_rows
     assert len(rows) == 2312
     bad, identical, empty_reply = [], [], []
     for i, row in enumerate(rows):
@@ -628,12 +615,12 @@ def test_hh_implicit_split_on_every_row():
     assert len(empty_reply) == 4, f"rows with a blank reply: {empty_reply}"
 
 
-def test_hh_first_rows_through_the_data_module(tmp_path, summary_log):
-    rows = _hh_rows()[:200]
+def test_hh_first_rows_through_the_data_module(tmp_path, summary_log, hh_path, hh_rows):
+    rows = hh_rows[:200]
     words = sorted({w for r in rows for text in (r["chosen"], r["rejected"]) for w in text.split()})
     tok = _word_level(words)
     dm = PreferenceDataModule(
-        str(HH_PATH),
+        str(hh_path),
         tokenizer=tok,
         mode="pairs",
         max_samples=200,
