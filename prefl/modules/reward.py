@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefl.functional import global_weighted_mean
 from prefl.losses import bradley_terry_loss, reward_accuracy
-from prefl.models import CausalLMSpec
+from prefl.models import CausalLMSpec, disable_dropout
 from prefl.models.reward import RewardModel, build_reward_model
 from prefl.models.sharding import full_state_dict
 from prefl.modules.base import CausalLMModule
@@ -44,6 +44,9 @@ class RewardModule(CausalLMModule):
             in full next to the adapters.
         tokenizer: The tokenizer; None = the data module's (the CLI links them).
         center_rewards_coefficient: λ of the reward-centering term ``λ·mean((r_c + r_r)²)``.
+        disable_dropout: Turn the backbone's dropout off (the default, as in TRL's reward
+            trainer): chosen and rejected are then compared under the same function, not under
+            two independent dropout masks. False keeps the checkpoint's dropout rates.
         optimizer: Builds the optimizer from the trainable parameters.
         lr_scheduler: Builds the scheduler; default linear warmup (10%) then cosine decay.
         max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
@@ -55,21 +58,25 @@ class RewardModule(CausalLMModule):
         model: CausalLMSpec | str,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         center_rewards_coefficient: float = 0.0,
+        disable_dropout: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__(model, tokenizer, optimizer, lr_scheduler, max_nonfinite_steps)
         self.center_rewards_coefficient = center_rewards_coefficient
+        self.disable_dropout = disable_dropout
         self.reward_stats: dict[str, float] | None = None
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("train", "val") for name in _STATS}
         )
 
     def build_models(self) -> None:
-        """Build the reward model (backbone + scalar head)."""
+        """Build the reward model (backbone + scalar head), dropout off unless kept."""
         tokenizer = self.resolve_tokenizer()
         self.model = RewardModel(build_reward_model(self.model_spec, tokenizer), tokenizer)
+        if self.disable_dropout:
+            disable_dropout(self.model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards ``(B,)`` of the chosen and the rejected completions, in one forward."""
@@ -138,22 +145,34 @@ class RewardModule(CausalLMModule):
 
     @torch.no_grad()
     def compute_reward_stats(self, loader: Any) -> dict[str, float]:
-        """Mean and std of the rewards of every chosen and rejected completion in ``loader``."""
+        """Mean and (biased) std of the rewards of every chosen and rejected completion in
+        ``loader``, exact over the real rows of the whole split: the sums are taken in float64,
+        the data-parallel padding repeats (``sample_weight`` 0) left out, and, when
+        ``torch.distributed`` is initialised, reduced over every rank (a collective: each rank
+        passes its own shard of the split)."""
         was_training = self.model.training
         self.model.eval()
-        total = total_sq = count = 0.0
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # count, sum, sum of squares
         for batch in loader:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            rewards = torch.cat(self(batch)).double()
-            total += rewards.sum().item()
-            total_sq += (rewards**2).sum().item()
-            count += rewards.numel()
+            chosen, rejected = self(batch)
+            weight = batch.get("sample_weight", torch.ones_like(chosen)).to(torch.float64)
+            weight = torch.cat([weight, weight])
+            rewards = torch.cat([chosen, rejected]).to(torch.float64)
+            sums += torch.stack(
+                [weight.sum(), (weight * rewards).sum(), (weight * rewards**2).sum()]
+            )
         self.model.train(was_training)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        count, total, total_sq = sums.tolist()
+        if count == 0:
+            raise ValueError("compute_reward_stats: the loader holds no real rows")
         mean = total / count
         return {
             "mean": mean,
             "std": math.sqrt(max(total_sq / count - mean**2, 0.0)),
-            "count": int(count),
+            "count": int(round(count)),
         }
 
     def on_train_end(self) -> None:

@@ -5,19 +5,26 @@ frozen reference of DPO and PPO). It reads the data module's ``sft`` batches (``
 ``attention_mask``, ``loss_mask``) and logs, through torchmetrics (correct across batches and
 data-parallel ranks): ``train/loss``, ``train/token_accuracy``, and ``val/loss``,
 ``val/token_accuracy``, ``val/perplexity`` (the exponential of the token-mean validation NLL).
+
+The loss is the token mean over every rank *and* every micro-batch of a gradient-accumulation
+window (:class:`~prefl.modules.accumulation.TokenMeanWindow`): an optimizer step with
+``accumulate_grad_batches=k`` equals the step on the same rows as one batch.
 """
 
 from __future__ import annotations
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from prefl.functional import global_weighted_mean, next_token_targets
+from prefl.functional import next_token_targets
 from prefl.losses import sft_loss
 from prefl.models import CausalLMSpec
 from prefl.models.selected import scored_tokens
+from prefl.modules.accumulation import TokenMeanWindow
 from prefl.modules.base import CausalLMModule
 
 
@@ -42,6 +49,7 @@ class SFTModule(CausalLMModule):
         max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__(model, tokenizer, optimizer, lr_scheduler, max_nonfinite_steps)
+        self.window = TokenMeanWindow()
         self.metrics = torch.nn.ModuleDict(
             {
                 f"{stage}_{name}": MeanMetric()
@@ -55,7 +63,10 @@ class SFTModule(CausalLMModule):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(
+        self, batch: dict[str, torch.Tensor], stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the stage's metrics; returns this rank's token-NLL sum and token count."""
         labels, mask = next_token_targets(batch["input_ids"], batch["loss_mask"])
         if "sample_weight" in batch:  # data-parallel padding repeats: no tokens
             mask = mask & (batch["sample_weight"][:, None] > 0)
@@ -65,12 +76,24 @@ class SFTModule(CausalLMModule):
         weight = n_tokens.float()
         self.metrics[f"{stage}_nll"](loss.detach(), weight)
         self.metrics[f"{stage}_accuracy"](correct.float() / weight.clamp(min=1), weight)
-        # this rank's share of the token mean over every rank (DDP averages the gradients)
-        return global_weighted_mean(loss.reshape(1), weight.reshape(1))
+        return loss * weight, n_tokens
+
+    def on_train_start(self) -> None:
+        """Start with an empty accumulation window; warn where it cannot be exact (DeepSpeed)."""
+        self.window = TokenMeanWindow()
+        if self.trainer.accumulate_grad_batches > 1 and isinstance(
+            self.trainer.strategy, DeepSpeedStrategy
+        ):
+            rank_zero_warn(
+                "SFTModule: under DeepSpeed the loss is the token mean of each micro-batch, not "
+                "of the whole accumulate_grad_batches window (DeepSpeed keeps the gradients)"
+            )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One step's loss; logs ``train/loss`` and ``train/token_accuracy`` (step and epoch)."""
-        loss = self._step(batch, "train")
+        nll_sum, n_tokens = self._step(batch, "train")
+        # this rank's share of the window's token mean over every rank (see TokenMeanWindow)
+        loss = self.window.loss(nll_sum, n_tokens)
         for name, key in (("loss", "train_nll"), ("token_accuracy", "train_accuracy")):
             self.log(
                 f"train/{name}",
@@ -80,6 +103,12 @@ class SFTModule(CausalLMModule):
                 prog_bar=name == "loss",
             )
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the accumulated gradient into that of the window's token mean, then run the
+        non-finite guard."""
+        self.window.rescale(optimizer, self.trainer.accumulate_grad_batches)
+        super().on_before_optimizer_step(optimizer)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate validation NLL and token accuracy."""

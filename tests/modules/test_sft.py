@@ -1,5 +1,6 @@
 """SFTModule: completion-only loss, metrics, export and a short end-to-end fit on the toy task."""
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefl import CausalLMSpec, HFExport, PreferenceDataModule, SFTModule
 from prefl.losses import sft_loss
 from prefl.models import load_tokenizer
+from prefl.modules.accumulation import TokenMeanWindow
 
 
 def test_sft_loss_hand_values():
@@ -58,7 +60,8 @@ def test_training_step_matches_manual_completion_loss(sft_data):
     module = SFTModule(CausalLMSpec(config="toy"), tokenizer=sft_data.tokenizer)
     module.configure_model()
     batch = next(iter(sft_data.train_dataloader()))
-    loss = module._step(batch, "train")
+    nll_sum, n_tokens = module._step(batch, "train")
+    loss = TokenMeanWindow().loss(nll_sum, n_tokens)  # a window's first micro-batch: its mean
     logits = module(batch["input_ids"], batch["attention_mask"])[:, :-1]
     labels, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].bool()
     manual = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
@@ -160,3 +163,82 @@ def test_max_length_beyond_the_models_positions_is_a_config_error(tmp_path):
     )
     with pytest.raises(ValueError, match="data.max_length=512 exceeds .*=128"):
         trainer.fit(SFTModule(CausalLMSpec(config="toy")), datamodule=dm)
+
+
+def test_token_mean_window_hand_values():
+    """Micro-batches of 4 and 12 tokens with NLL sums 8 and 6: the losses returned are 8/4 = 2
+    and 6/4 = 1.5 (both over the first micro-batch's count); with k = 2 Lightning sums half of
+    each, so the gradient is that of (2 + 1.5)/2 = 1.75 and the factor k·4/16 = 0.5 turns it
+    into that of the window's token mean (8 + 6)/16 = 0.875."""
+    window = TokenMeanWindow()
+    first = window.loss(torch.tensor(8.0), torch.tensor(4))
+    second = window.loss(torch.tensor(6.0), torch.tensor(12))
+    assert (first.item(), second.item()) == (2.0, 1.5)
+    assert window.factor(2) == 0.5
+    assert (first.item() + second.item()) / 2 * window.factor(2) == 0.875
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.tensor([1.0, -4.0])
+    assert window.rescale(torch.optim.SGD([param], lr=1.0), 2) == 0.5
+    assert param.grad.tolist() == [0.5, -2.0]
+    assert window.factor(2) == 1.0  # a new, empty window
+    one = TokenMeanWindow()  # one micro-batch per step: the plain token mean, factor exactly 1
+    assert one.loss(torch.tensor(6.0), torch.tensor(12)).item() == 0.5 and one.factor(1) == 1.0
+
+
+def _uneven_sft_rows(tmp_path):
+    """Three prompt + completion rows with 1, 9 and 3 completion words."""
+    completions = [
+        "good",
+        "really really flat wonderful with good bit wonderful moving",
+        "weak with fresh",
+    ]
+    rows = [{"prompt": "happily , the movie was", "completion": c} for c in completions]
+    path = tmp_path / "sft_rows" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path.parent)
+
+
+def _one_epoch_of_sgd(data_dir, batch_size, accumulate, tmp_path):
+    torch.manual_seed(0)
+    module = SFTModule(
+        CausalLMSpec(config="toy"),
+        tokenizer="toy",
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+    )
+    data = PreferenceDataModule(
+        data_dir,
+        mode="sft",
+        batch_size=batch_size,
+        max_length=32,
+        max_prompt_length=16,
+        cache_dir=str(tmp_path / f"cache{batch_size}"),
+    )
+    trainer = Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    module.configure_model()
+    before = torch.cat([p.detach().flatten().clone() for p in module.model.parameters()])
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2
+    after = torch.cat([p.detach().flatten() for p in module.model.parameters()])
+    return after - before
+
+
+def test_gradient_accumulation_steps_as_one_batch_would(tmp_path):
+    """Rows of 2, 10 and 4 target tokens (completion words + EOS), SGD: batches of one row
+    accumulated over k = 2 (windows {r0, r1} and the short last {r2}) must move the weights
+    exactly as batches of two rows without accumulation ({r0, r1}, {r2}). A mean of
+    micro-batch means would weigh r0's 2 tokens as much as r1's 10."""
+    data_dir = _uneven_sft_rows(tmp_path)
+    accumulated = _one_epoch_of_sgd(data_dir, 1, 2, tmp_path)
+    whole = _one_epoch_of_sgd(data_dir, 2, 1, tmp_path)
+    assert whole.abs().max() > 1e-3
+    scale = whole.abs().max().item()
+    torch.testing.assert_close(accumulated, whole, rtol=0, atol=1e-5 * scale)
