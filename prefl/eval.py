@@ -12,6 +12,10 @@ policy and from the reference (same prompts, same seed), and reports:
   under the reward (ties count one half);
 - ``eos_rate``, ``mean_length`` (tokens) and ``distinct_1`` / ``distinct_2`` (unique n-grams over
   all n-grams of the policy's samples, a diversity measure).
+
+Both models sample from exactly ``softmax(logits / temperature)``
+(:func:`prefl.generation.sample_completions`): the checkpoints' ``generation_config`` settings
+(top-k / top-p, repetition penalty, minimum length, suppressed tokens...) are not applied.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def evaluate(
         reward_fn: ``fn(prompts, completions) -> list[float]`` (an oracle, or a reward model's
             ``score``).
         num_samples: Completions per prompt.
-        temperature: Sampling temperature.
+        temperature: Sampling temperature: samples come from ``softmax(logits / temperature)``,
+            no other processor, whatever the checkpoints' generation configs say.
         max_new_tokens: Most tokens per completion.
         seed: Sampling seed (the same for policy and reference).
         batch_size: Prompts per ``generate`` call.

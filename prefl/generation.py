@@ -1,18 +1,30 @@
 """Sampling completions from a causal LM: left-padded prompts, KV cache, EOS truncation.
 
-:func:`sample_completions` is what evaluation (and later the PPO rollout) builds on: prompts are
-left-padded (so every row's last prompt token sits at the same position and the KV cache is used
-by ``generate``), sampling is pure (temperature only: ``top_k=0``, ``top_p=1``), everything after
-the first EOS is padding, and the RNG is seeded without disturbing the global one.
+:func:`sample_completions` (evaluation) and :func:`prefl.rollout.sample_responses` (the PPO
+rollout) both sample through :func:`generate_sampled`, and so through one generation config,
+:func:`sampling_config`: pure ancestral sampling from ``softmax(logits / temperature)`` of the
+model, whatever the checkpoint's own ``generation_config`` (``generation_config.json``) says.
+No top-k / top-p / min-p / typical filtering, no repetition or n-gram penalty, no minimum length,
+no suppressed, forced or biased tokens, no beams, no watermark. Prompts are left-padded (so every
+row's last prompt token sits at the same position and ``generate`` uses the KV cache), everything
+after the first EOS is padding, and the RNG is seeded without disturbing the global one.
+
+Passing a fresh ``GenerationConfig`` is not enough on its own: ``generate`` (transformers 5)
+fills every field the passed config leaves at ``None`` from ``model.generation_config``, and
+several processors (``suppress_tokens``, ``bad_words_ids``, ``sequence_bias``, ``min_p``,
+``forced_eos_token_id``...) are off only when ``None``. :func:`isolated_generation_config`
+therefore swaps the model's own generation config for a bare one for the duration of the call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from prefl.data.collate import pad
 from prefl.models.selected import masked_sequence_logps
@@ -52,6 +64,107 @@ def completion_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (before == 0).long()
 
 
+#: Every logits processor and decoding option of ``generate`` at its "off" value; those that are
+#: off only at ``None`` (``min_new_tokens``, ``min_p``, ``suppress_tokens``, ``bad_words_ids``,
+#: ``sequence_bias``, ``forced_*_token_id``, watermarking...) are kept out of reach by
+#: :func:`isolated_generation_config` (``min_length=0`` alone: setting both warns).
+_NEUTRAL: dict[str, Any] = {
+    "top_k": 0,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "num_return_sequences": 1,
+    "guidance_scale": 1.0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+}
+
+
+def sampling_config(
+    temperature: float,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int,
+    *,
+    with_scores: bool = False,
+) -> GenerationConfig:
+    """The complete generation config of every prefl sampler: ``do_sample`` from
+    ``softmax(logits / temperature)`` with the KV cache, every other processor off.
+
+    Use it with :func:`generate_with` (which keeps the model's own generation config out).
+
+    Args:
+        temperature: Sampling temperature (> 0).
+        max_new_tokens: Most new tokens per row.
+        pad_token_id: Written after a row's EOS.
+        eos_token_id: Ends a row.
+        with_scores: Also return, per step, the processed scores (``logits / temperature``)
+            and the raw logits (``return_dict_in_generate``); this changes no sample.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    outputs = {"output_scores": True, "output_logits": True} if with_scores else {}
+    return GenerationConfig(
+        do_sample=True,
+        temperature=float(temperature),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        use_cache=True,
+        return_dict_in_generate=with_scores,
+        **_NEUTRAL,
+        **outputs,
+    )
+
+
+@contextmanager
+def isolated_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """For the duration, every ``generation_config`` that ``model`` or its submodules own (the
+    Hugging Face model inside a ``peft`` or FSDP wrapper included) is a bare
+    ``GenerationConfig()``, so ``generate`` cannot merge the checkpoint's settings into the one
+    it is given; the original objects are put back afterwards, also on error."""
+    saved = [
+        (m, cfg)
+        for m in model.modules()
+        if isinstance(cfg := vars(m).get("generation_config"), GenerationConfig)
+    ]
+    try:
+        for m, _ in saved:
+            m.generation_config = GenerationConfig()
+        yield
+    finally:
+        for m, cfg in saved:
+            m.generation_config = cfg
+
+
+@torch.no_grad()
+def generate_with(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+) -> Any:
+    """``model.generate`` under ``config`` alone (see :func:`isolated_generation_config`); the
+    output is ``generate``'s (a tensor, or a ``GenerateOutput`` with ``with_scores``).
+
+    A sharded model (FSDP2, FSDP1, ZeRO-3) is gathered once for the whole call
+    (:func:`prefl.models.sharding.gathered_params`): ranks that stop at different lengths then
+    issue no mismatched collectives. That makes it a collective: every rank must call it."""
+    with gathered_params(model), isolated_generation_config(model):
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        )
+
+
 @torch.no_grad()
 def generate_sampled(
     model: torch.nn.Module,
@@ -63,24 +176,14 @@ def generate_sampled(
     eos_token_id: int,
 ) -> torch.Tensor:
     """The new tokens ``(B, R)`` that ``generate`` samples after left-padded ``input_ids``
-    ``(B, P)``: pure sampling at ``temperature`` (``top_k=0``, ``top_p=1``) with the KV cache,
-    from the current global RNG (callers seed it).
+    ``(B, P)``, from the current global RNG (callers seed it).
 
-    A sharded model (FSDP2, FSDP1, ZeRO-3) is gathered once for the whole call
-    (:func:`prefl.models.sharding.gathered_params`): ranks that stop at different lengths then
-    issue no mismatched collectives. That makes it a collective: every rank must call it."""
-    with gathered_params(model):
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
-        )
+    Every step samples from exactly ``softmax(logits / temperature)`` of ``model``
+    (:func:`sampling_config`), whatever its checkpoint's ``generation_config`` holds: that is
+    the distribution PPO's log-probs (:func:`prefl.rollout.response_logprobs`) score. A
+    collective for a sharded model (:func:`generate_with`)."""
+    config = sampling_config(temperature, max_new_tokens, pad_token_id, eos_token_id)
+    out = generate_with(model, input_ids, attention_mask, config)
     return out[:, input_ids.shape[1] :]
 
 
@@ -95,14 +198,16 @@ def sample_completions(
     batch_size: int = 64,
     seed: int = 0,
 ) -> Samples:
-    """Sample ``num_samples`` completions for each prompt.
+    """Sample ``num_samples`` completions for each prompt, from ``softmax(logits / T)``.
 
     Args:
         model: A Hugging Face causal LM (eval mode is set for the call and restored after).
         tokenizer: Its tokenizer (PAD distinct from EOS).
         prompts: Prompt texts, tokenized with special tokens (BOS) as in training.
         max_new_tokens: Most tokens per completion.
-        temperature: Sampling temperature (> 0); no top-k / top-p filtering.
+        temperature: Sampling temperature (> 0). Samples come from exactly
+            ``softmax(logits / temperature)`` (no top-k / top-p or other processor, whatever
+            the checkpoint's ``generation_config`` says; see :func:`sampling_config`).
         num_samples: Completions per prompt.
         batch_size: Prompts per ``generate`` call.
         seed: Seed of the sampling RNG (the global RNG state is restored afterwards).

@@ -3,7 +3,10 @@
 The steps follow the checklist of design §5:
 
 1. prompts arrive left-padded; each is repeated ``k`` times and sampled with the KV cache through
-   ``generate`` (pure sampling at ``temperature``: ``top_k=0``, ``top_p=1``), under a seed derived
+   ``generate`` from exactly ``softmax(logits / temperature)`` of the policy: prefl's own
+   generation config (:func:`prefl.generation.sampling_config`), never the checkpoint's, so no
+   top-k / top-p, repetition penalty, minimum length, suppressed tokens etc. (which would make
+   the PPO ratio and the KL refer to a distribution nobody sampled from), under a seed derived
    from (run seed, step, rank) so ranks differ and a resumed run samples the same responses;
 2. everything after the first EOS becomes PAD, and ``response_mask`` covers the tokens up to and
    including it (§5.4);
@@ -82,6 +85,9 @@ def sample_responses(
 ) -> Responses:
     """Sample ``k`` responses per left-padded prompt ``(B, P)`` with the KV cache.
 
+    Every token is drawn from exactly ``softmax(logits / temperature)`` of ``policy``, whatever
+    its checkpoint's ``generation_config`` says (:func:`prefl.generation.generate_sampled`):
+    the distribution whose log-probs :func:`response_logprobs` computes at the same temperature.
     The global RNG is left as it was; ``seed`` alone decides the samples.
     """
     query_ids = prompt_ids.repeat_interleave(k, dim=0)
@@ -104,8 +110,9 @@ def sample_responses(
 def response_logprobs(
     model: torch.nn.Module, responses: Responses, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs ``(N, R)`` of the responses under ``model`` (logits / temperature),
-    0 on padding; with ``with_entropy``, also the per-token entropy ``(N, R)``."""
+    """Per-token log-probs ``(N, R)`` of the responses under ``model``: ``log_softmax`` of the
+    full, unfiltered ``logits / temperature`` (the distribution :func:`sample_responses` samples
+    from), 0 on padding; with ``with_entropy``, also the per-token entropy ``(N, R)``."""
     ids, mask, positions = responses.sequence()
     r = responses.response_ids.shape[1]
     # only the R positions that predict response tokens go through the LM head (the prompt's

@@ -25,7 +25,9 @@ class EvalCallback(Callback):
         every_n_steps: Evaluate every this many training batches; 0 = only after ``fit``.
         num_samples: Completions per prompt.
         max_new_tokens: Most tokens per completion.
-        temperature: Sampling temperature.
+        temperature: Sampling temperature: samples come from exactly
+            ``softmax(logits / temperature)``, whatever the checkpoints' generation configs say
+            (see :func:`prefl.eval.evaluate`).
         seed: Sampling seed (the same at every evaluation, so points are comparable).
     """
 

@@ -42,7 +42,9 @@ class SampleReport(Callback):
         prompts: ``"toy"`` (the toy task's held-out prompts) or a list of prompt texts.
         num_samples: Completions per prompt.
         max_new_tokens: Most tokens per completion.
-        temperature: Sampling temperature (pure sampling: no top-k / top-p).
+        temperature: Sampling temperature: samples come from exactly
+            ``softmax(logits / temperature)`` (no top-k / top-p or any other processor of the
+            checkpoint's ``generation_config``; see :func:`prefl.generation.sampling_config`).
         reward: Reward function, ``"toy"`` or ``"package.module:function"``; None = no reward.
         target_reward: Mean reward to compare with; None with the toy reward = the mean oracle
             reward of the toy SFT corpus.
