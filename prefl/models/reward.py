@@ -36,23 +36,52 @@ def _is_reward_checkpoint(name_or_path: str, trust_remote_code: bool) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == 1
 
 
-def reward_head(model: torch.nn.Module) -> torch.nn.Linear:
-    """The scalar head of a Hugging Face sequence classifier (``score`` or ``classifier``)."""
+def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The transformer backbone and the scalar head of a Hugging Face sequence classifier, plain
+    or LoRA-wrapped: the one place that looks through ``peft`` (reward and value models both).
+
+    On a ``peft.PeftModel``, ``model.base_model`` is the LoRA tuner (its forward is the whole
+    classifier), so the classifier is unwrapped first (``get_base_model``); its backbone is then
+    the ``base_model_prefix`` submodule (``model`` for Llama), whose layers carry the adapters.
+    With LoRA the head is peft's trained copy (``modules_to_save``) of the default adapter; the
+    original head stays frozen.
+
+    Args:
+        model: A one-label ``AutoModelForSequenceClassification``, or a ``peft`` model of one.
+
+    Returns:
+        ``(backbone, head)``: the backbone returns ``last_hidden_state`` ``(B, T, d)``, the
+        head maps ``d`` to one score.
+
+    Raises:
+        ValueError: If the classifier has no backbone submodule or no linear head.
+    """
     base = model.get_base_model() if is_lora(model) else model
+    prefix = getattr(base, "base_model_prefix", None)
+    backbone = getattr(base, prefix, None) if prefix else None
+    if not isinstance(backbone, torch.nn.Module):
+        raise ValueError(f"{type(base).__name__} has no backbone (`base_model_prefix`) submodule")
     for name in ("score", "classifier"):
         head = getattr(base, name, None)
         saved = getattr(head, "modules_to_save", None)  # peft's trained copy (a ModuleDict)
         if saved is not None and "default" in saved:
             head = saved["default"]
         if isinstance(head, torch.nn.Linear):
-            return head
+            return backbone, head
     raise ValueError(f"{type(base).__name__} has no linear `score` or `classifier` head")
+
+
+def reward_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The scalar head of a Hugging Face sequence classifier (``score`` or ``classifier``; with
+    LoRA peft's trained copy), see :func:`backbone_and_head`."""
+    return backbone_and_head(model)[1]
 
 
 def build_reward_model(
     spec: CausalLMSpec | str, tokenizer: PreTrainedTokenizerBase
 ) -> torch.nn.Module:
-    """A one-label ``AutoModelForSequenceClassification`` for ``spec`` (LoRA: head trainable).
+    """A one-label ``AutoModelForSequenceClassification`` for ``spec``; with ``spec.lora`` a
+    ``peft`` model of task ``SEQ_CLS``: adapters on the backbone, the head trained in full.
 
     A new head (from a causal-LM checkpoint or a random-init config) is initialised
     ``N(0, 1/sqrt(d+1))`` with ``d`` the hidden size; a reward checkpoint keeps its head.

@@ -26,16 +26,13 @@ from prefl.functional import explained_variance
 from prefl.losses.advantages import ADVANTAGE_ESTIMATORS
 from prefl.models import CausalLMSpec, disable_dropout
 from prefl.models.reward import RewardModel
-from prefl.models.value import build_value_model
+from prefl.models.value import build_value_model, critic_spec
 from prefl.modules.kl_control import KLController
 from prefl.modules.ppo_rollout import PPORolloutMixin
 from prefl.modules.ppo_update import PPOUpdateMixin
 from prefl.modules.reference import ReferenceModule
 from prefl.modules.scoring import Scorer
-from prefl.rollout import (
-    Responses,
-    response_logprobs,
-)
+from prefl.rollout import Responses, response_logprobs
 
 Estimator = Literal["gae", "rloo", "grpo", "reinforce_baseline"]
 
@@ -53,7 +50,8 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
         reward_weights: One weight per reward source: the reward model first, then the
             functions; None = all 1.
         value_model: Where the critic (GAE only) starts: a reward-model export or checkpoint
-            path; None = ``reward_model`` if set, else the policy's source with a new head.
+            path; None = ``reward_model`` if set, else the policy's source with a new head. It
+            trains like the policy: with LoRA, adapters of its own and the head in full.
         advantage_estimator: ``gae`` (with the critic), ``rloo``, ``grpo`` or
             ``reinforce_baseline`` (critic-free, over the ``num_samples`` responses of a prompt).
         num_samples: Responses sampled per prompt (``k``; ≥ 2 for ``rloo`` and ``grpo``).
@@ -185,7 +183,7 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
             same,
         )
         if self.uses_critic:
-            source = cfg["value_model"] or cfg["reward_model"] or self.model_spec
+            source = critic_spec(self.model_spec, cfg["value_model"] or cfg["reward_model"])
             self.value_model = build_value_model(source, tokenizer)
             disable_dropout(self.value_model)
 
@@ -208,7 +206,8 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
         policy = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
         if not self.uses_critic:
             return policy
-        return [policy, self.value_optimizer_factory(list(self.value_model.parameters()))]
+        critic = [p for p in self.value_model.parameters() if p.requires_grad]  # LoRA: adapters
+        return [policy, self.value_optimizer_factory(critic)]
 
     def forward(self, responses: Responses) -> torch.Tensor:
         """Policy log-probs ``(N, R)`` of the responses (logits divided by the temperature)."""

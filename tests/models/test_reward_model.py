@@ -1,4 +1,5 @@
-"""Tests for :mod:`prefl.models.reward`: read-out, head initialisation, export, ``score``, LoRA.
+"""Tests for :mod:`prefl.models.reward`: read-out, head initialisation, export, ``score``, LoRA,
+and the backbone/head helper the value model (:mod:`prefl.models.value`) shares, through peft.
 
 The toy tokenizer has PAD = 0, EOS = 1, BOS = 2 and prepends BOS when special tokens are added.
 Models are tiny Llamas (the toy 2-layer, 64-wide one, or a 1-layer, 256-wide one where the head's
@@ -26,7 +27,8 @@ from prefl.models import (
     is_lora,
     load_tokenizer,
 )
-from prefl.models.reward import STATS_FILE, reward_head
+from prefl.models.reward import STATS_FILE, backbone_and_head, reward_head
+from prefl.models.value import ValueModel
 
 TOL = 1e-5
 #: d = 256, so a new head has 256 weights drawn N(0, 1/sqrt(257)) ≈ N(0, 0.0624): the sample std
@@ -336,3 +338,42 @@ def test_lora_trains_head_and_adapters_only_and_exports_merged(tok, tmp_path):
     base = RewardModel(model.get_base_model(), tok).eval()
     with model.disable_adapter(), torch.no_grad():
         assert (base(ids, mask) - expected).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("lora", [None, LoraSpec(r=4)], ids=["full", "lora"])
+def test_backbone_and_head_are_found_through_peft(tok, lora):
+    """``backbone_and_head`` gives the transformer backbone (not peft's LoRA tuner, whose output
+    has no ``last_hidden_state``) and the trained head, plain or LoRA-wrapped. Read at the last
+    real token, the value model's per-token values are the reward model's rewards, adapters and
+    head made non-trivial, with right padding (default positions) and left padding (positions
+    from the mask): both paths see the same backbone, adapters included."""
+    torch.manual_seed(0)
+    model = build_reward_model(CausalLMSpec(config="toy", lora=lora), tok)
+    backbone, head = backbone_and_head(model)
+    assert type(backbone).__name__ == "LlamaModel"
+    assert head is reward_head(model) and head.weight.requires_grad
+    assert any("lora_" in n for n, _ in backbone.named_parameters()) == (lora is not None)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+        head.weight.add_(torch.randn_like(head.weight))
+    rm, value = RewardModel(model, tok).eval(), ValueModel(model).eval()
+    for left in (False, True):
+        ids, mask = batch(SEQS, left=left)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) if left else None
+        with torch.no_grad():
+            values = value(ids, mask, positions)
+            rewards = rm(ids, mask)
+        assert values.shape == ids.shape and values.dtype == torch.float32
+        last = ids.shape[1] - 1 if left else mask.sum(-1) - 1
+        at_last = values[torch.arange(len(SEQS)), last]
+        torch.testing.assert_close(at_last, rewards, rtol=0, atol=TOL)
+    if lora is not None:  # the adapters mattered: without them the values differ
+        with model.disable_adapter(), torch.no_grad():
+            assert (RewardModel(model, tok).eval()(*batch(SEQS)) - rewards).abs().max() > 1e-3
+
+
+def test_backbone_and_head_name_what_is_missing():
+    with pytest.raises(ValueError, match="backbone"):
+        backbone_and_head(torch.nn.Linear(2, 1))
