@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefl.data import toy
 from prefl.data.accounting import keep_and_count
+from prefl.data.boundary import count_merged
 from prefl.data.collate import PreferenceCollator
 from prefl.data.formats import Columns
 from prefl.data.sampling import (
@@ -247,7 +248,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             num_proc=self.hparams.num_proc,
             desc=f"prefl: tokenizing {split}",
         )
-        return keep_and_count(split, ds, mapped, self.stats, self.hparams.error_on_drop)
+        kept = keep_and_count(split, ds, mapped, self.stats, self.hparams.error_on_drop)
+        return count_merged(split, kept, self.stats)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:

@@ -10,6 +10,9 @@ Three formats are accepted (design §3), detected from the columns or named by t
 - ``conversational``: message lists ``[{"role", "content"}]`` rendered with the tokenizer's chat
   template: either ``prompt`` + completion message lists, full ``chosen``/``rejected``
   conversations sharing all but their last (assistant) turn, or a ``messages`` column (SFT).
+  Special-token strings inside message contents are *defused* before rendering (replaced by
+  private markers, :func:`prefl.data.specials.defuse`) so that tokenization keeps them as text
+  while the template's own special tokens stay special; ``specials.restore`` undoes it.
 
 Every problem raises :class:`RowError`, whose message names the split, row index and column.
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from prefl.data.specials import defuse
 
 FORMATS = ("explicit", "implicit", "conversational")
 ASSISTANT_MARKER = "\n\nAssistant:"
@@ -55,7 +60,9 @@ class RowTexts:
     """The texts of one row: the prompt and up to two completions, ready for tokenization.
 
     ``chat`` tells that the texts were rendered by a chat template (so they already hold the
-    template's special tokens, BOS included where the template writes it).
+    template's special tokens, BOS included where the template writes it) from defused
+    messages: a special-token string that a message's content held is a marker in them
+    (:func:`prefl.data.specials.restore` gives the plain text).
     """
 
     prompt: str
@@ -170,6 +177,17 @@ def _messages(row: Mapping[str, Any], column: str, where: tuple[str, int]) -> li
     return list(value)
 
 
+def _defused(messages: list[dict], tokenizer: Any, column: str, where: tuple[str, int]) -> list:
+    """``messages`` with special-token strings in their contents replaced by markers."""
+    out = []
+    for i, msg in enumerate(messages):
+        try:
+            out.append({**msg, "content": defuse(msg["content"], tokenizer)})
+        except ValueError as err:
+            raise RowError(*where, column, f"message {i} content: {err}") from err
+    return out
+
+
 def _last_assistant(messages: list[dict], column: str, where: tuple[str, int]) -> None:
     if messages[-1]["role"] != "assistant":
         raise RowError(*where, column, "the conversation does not end with an assistant turn")
@@ -192,13 +210,17 @@ def _reply_text(
 
 
 def _conversational(row, mode: str, c: Columns, tokenizer, where) -> RowTexts:
-    names = {"pairs": [c.chosen, c.rejected], "sft": [_sft_column(row, c)], "prompts": []}[mode]
+    names = {"pairs": [c.chosen, c.rejected], "sft": [sft_column(row, c)], "prompts": []}[mode]
+
+    def messages(column: str) -> list[dict]:
+        return _defused(_messages(row, column, where), tokenizer, column, where)
+
     if c.prompt in row:  # a prompt column: its value must be a message list, even if None
-        prompt = _messages(row, c.prompt, where)
-        replies = [_messages(row, name, where) for name in names]
+        prompt = messages(c.prompt)
+        replies = [messages(name) for name in names]
     else:
         conv_names = names or [c.messages if c.messages in row else c.chosen]
-        convs = [_messages(row, name, where) for name in conv_names]
+        convs = [messages(name) for name in conv_names]
         for conv, name in zip(convs, conv_names, strict=True):
             _last_assistant(conv, name, where)
         prompt = convs[0][:-1]
@@ -217,7 +239,8 @@ def _conversational(row, mode: str, c: Columns, tokenizer, where) -> RowTexts:
     return RowTexts(prompt_text, *completions, chat=True)
 
 
-def _sft_column(row: Mapping[str, Any], c: Columns) -> str:
+def sft_column(row: Mapping[str, Any], c: Columns) -> str:
+    """The column holding an SFT row's completion: ``completion``, ``messages`` or ``chosen``."""
     for name in (c.completion, c.messages, c.chosen):
         if name in row:
             return name
@@ -262,5 +285,5 @@ def extract_texts(
     if mode == "prompts":
         return RowTexts(prompt=prompt)
     if mode == "sft":
-        return RowTexts(prompt=prompt, chosen=_text(row, _sft_column(row, c), where))
+        return RowTexts(prompt=prompt, chosen=_text(row, sft_column(row, c), where))
     return RowTexts(prompt, _text(row, c.chosen, where), _text(row, c.rejected, where))

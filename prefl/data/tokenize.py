@@ -1,9 +1,14 @@
 """Tokenization of row texts, with explicit truncation and counted drops (design §3).
 
-A tokenized example is prompt ids plus completion ids. Completions end with EOS exactly once
-(it is appended unless the text already ends in it, as chat-template rows often do). Prompts are
-cut from the left to ``max_prompt_length`` (keeping a leading BOS), completions from the right so
-that prompt + completion fits ``max_length``. A truncated completion keeps no EOS: it did not end.
+A tokenized example is prompt ids plus completion ids. Special-token text inside a row stays
+text (:mod:`prefl.data.specials`): only prefl (a leading BOS where ``add_special_tokens`` puts
+one, the EOS ending each completion) and a chat template place special tokens. Completion ids
+are the ids that follow the prompt when ``prompt + completion`` is tokenized as one text
+(:mod:`prefl.data.boundary`); a row whose tokens merge across that boundary is flagged in a
+``boundary_merged`` column so that it is counted. Completions end with EOS exactly once (it is
+appended unless the template wrote it). Prompts are cut from the left to ``max_prompt_length``
+(keeping a leading BOS), completions from the right so that prompt + completion fits
+``max_length``. A truncated completion keeps no EOS: it did not end.
 
 Rows are never dropped here: each gets a ``drop_reason`` (``""`` when kept) so that the data
 module can count reasons before it filters. Reasons: ``identical`` (chosen == rejected text),
@@ -18,7 +23,9 @@ from typing import Any
 
 import datasets
 
-from prefl.data.formats import Columns, RowError, extract_texts
+from prefl.data.boundary import RowTextError, encode_rows, end_with_eos, strip_after_eos
+from prefl.data.formats import Columns, RowError, extract_texts, sft_column
+from prefl.data.specials import restore
 
 DROP_REASONS = ("identical", "identical_after_truncation", "prompt_too_long", "empty_completion")
 #: Column holding each row's index in its source split, added by the data module when it
@@ -52,30 +59,26 @@ def with_source_rows(ds: datasets.Dataset) -> datasets.Dataset:
     return ds.add_column(SOURCE_ROW, list(range(len(ds))))
 
 
-def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=special)["input_ids"]
-
-
-def _strip_after_eos(text: str, eos: str) -> str:
-    """Drop whitespace that a chat template writes after the final EOS (e.g. a newline)."""
-    stripped = text.rstrip()
-    return stripped if stripped.endswith(eos) else text
-
-
 def encode_completions(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
-    """Tokenize completions (no special tokens added) and end each with EOS exactly once."""
+    """Tokenize ``N`` completions *on their own* (no special tokens added), each ending with EOS
+    exactly once; the tokenization ``RewardModel.score`` uses (special-token strings in the text
+    are read as special tokens, so a trailing EOS string is that EOS).
+
+    Data rows are tokenized by :func:`prefl.data.boundary.encode_rows` instead: special-token
+    text stays text, and completions are tokenized after their prompt (on their own,
+    SentencePiece tokenizers start ``" text"`` with a lone ``"▁"`` the model never sees there).
+    """
     eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
     if chat:
-        texts = [_strip_after_eos(t, eos) for t in texts]
-    out = []
-    for ids in _encode(tokenizer, texts, special=False):
-        out.append(ids if ids and ids[-1] == eos_id else [*ids, eos_id])
-    return out
+        texts = [strip_after_eos(t, eos) for t in texts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [end_with_eos(row, eos_id) for row in ids]
 
 
 def encode_prompts(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
-    """Tokenize prompts; special tokens (BOS) are added unless a chat template wrote them."""
-    return _encode(tokenizer, texts, special=not chat)
+    """Tokenize ``N`` prompts the way ``RewardModel.score`` does: special tokens (BOS) are added
+    unless a chat template wrote them. Data rows use :func:`prefl.data.boundary.encode_rows`."""
+    return tokenizer(texts, add_special_tokens=not chat)["input_ids"] if texts else []
 
 
 def truncate_prompt(
@@ -137,6 +140,17 @@ def _margin(row: dict[str, Any], column: str, where: tuple[str, int]) -> float:
     return float(value)
 
 
+def _text_column(part: str | int, mode: str, row_format: str, c: Columns, row: dict) -> str:
+    """The column that a row's prompt (``part="prompt"``) or completion ``part`` came from."""
+    if part == 1:
+        return c.rejected
+    if part == 0:
+        return c.chosen if mode == "pairs" else sft_column(row, c)
+    if row_format == "explicit" or c.prompt in row:
+        return c.prompt
+    return c.messages if c.messages in row else c.chosen
+
+
 def tokenize_batch(
     batch: dict[str, list],
     indices: list[int],
@@ -151,10 +165,12 @@ def tokenize_batch(
 ) -> dict[str, list]:
     """Tokenize a batch of raw rows (the function given to a batched ``Dataset.map``).
 
-    Returns columns ``prompt_ids``, ``truncated``, ``drop_reason``; plus ``chosen_ids`` and
-    ``rejected_ids`` (pairs), ``completion_ids`` (sft) or ``prompt`` text (prompts); plus
-    ``margin`` when ``use_margin``. Raises :class:`RowError` naming split, row and column; the
-    row is ``indices`` (positions in the split), or the :data:`SOURCE_ROW` column when present.
+    Returns columns ``prompt_ids``, ``truncated``, ``drop_reason``, ``boundary_merged`` (the
+    row's prompt/completion boundary merged, see :mod:`prefl.data.boundary`); plus
+    ``chosen_ids`` and ``rejected_ids`` (pairs), ``completion_ids`` (sft) or ``prompt`` text
+    (prompts); plus ``margin`` when ``use_margin``. Raises :class:`RowError` naming split, row
+    and column; the row is ``indices`` (positions in the split), or the :data:`SOURCE_ROW`
+    column when present.
     """
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     if SOURCE_ROW in batch:  # name rows by their index in the source split, not after a shuffle
@@ -164,20 +180,20 @@ def tokenize_batch(
         for row, index in zip(rows, indices, strict=True)
     ]
     chat = row_format == "conversational"
-    prompts = encode_prompts(tokenizer, [t.prompt for t in texts], chat)
     n_completions = {"pairs": 2, "sft": 1, "prompts": 0}[mode]
     completion_texts = [[t.chosen, t.rejected][:n_completions] for t in texts]
-    encoded = [
-        encode_completions(tokenizer, list(column), chat)
-        for column in zip(*completion_texts, strict=True)
-    ]
+    try:
+        encoded = encode_rows(tokenizer, [t.prompt for t in texts], completion_texts, chat)
+    except RowTextError as err:
+        column = _text_column(err.part, mode, row_format, columns, rows[err.row])
+        raise RowError(split, indices[err.row], column, str(err)) from err
     out: dict[str, list] = {"prompt_ids": [], "truncated": [], "drop_reason": []}
     names = {"pairs": ["chosen_ids", "rejected_ids"], "sft": ["completion_ids"], "prompts": []}
     for name in names[mode]:
         out[name] = []
     for i, t in enumerate(texts):
-        completions = [column[i] for column in encoded[:n_completions]]
-        result = tokenize_row(prompts[i], completions, limits, tokenizer.bos_token_id)
+        prompt, completions = encoded.prompts[i], encoded.completions[i]
+        result = tokenize_row(prompt, completions, limits, tokenizer.bos_token_id)
         if mode == "pairs" and t.chosen == t.rejected:
             result["drop_reason"] = "identical"
         elif any(not text.strip() for text in completion_texts[i]):
@@ -187,8 +203,9 @@ def tokenize_batch(
         out["drop_reason"].append(result["drop_reason"])
         for name, ids in zip(names[mode], result["completions"], strict=True):
             out[name].append(ids)
+    out["boundary_merged"] = encoded.merged
     if mode == "prompts":
-        out["prompt"] = [t.prompt for t in texts]
+        out["prompt"] = [restore(t.prompt, tokenizer) if chat else t.prompt for t in texts]
     if use_margin:
         where = [(split, index) for index in indices]
         out["margin"] = [_margin(r, columns.margin, w) for r, w in zip(rows, where, strict=True)]

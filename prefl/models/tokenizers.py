@@ -8,7 +8,7 @@ one that aliases EOS, a common trick that silently stops models from learning to
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 TOY_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -31,13 +31,16 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     The vocabulary is the special tokens followed by :func:`prefl.data.toy.vocabulary` in its
     fixed order, so ids are identical in every process and on every machine. Text is split on
     whitespace; a BOS token is prepended when special tokens are added; PAD (id 0) and EOS (id 1)
-    are distinct. It carries a small chat template for conversational rows.
+    are distinct. It carries a small chat template for conversational rows. Text never becomes a
+    special token: its normalizer writes ``<`` as ``‹`` (no word has either), so a special-token
+    string that is text (``split_special_tokens=True``, as prefl tokenizes rows) is ``<unk>``.
     """
     from prefl.data import toy  # here, not at the top: prefl.data imports this module
 
     words = [*TOY_SPECIAL_TOKENS, *toy.vocabulary()]
     vocab = {word: i for i, word in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Replace("<", "\u2039")  # see the docstring
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]

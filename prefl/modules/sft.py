@@ -80,6 +80,7 @@ class SFTModule(CausalLMModule):
 
     def on_train_start(self) -> None:
         """Start with an empty accumulation window; warn where it cannot be exact (DeepSpeed)."""
+        super().on_train_start()
         self.window = TokenMeanWindow()
         if self.trainer.accumulate_grad_batches > 1 and isinstance(
             self.trainer.strategy, DeepSpeedStrategy

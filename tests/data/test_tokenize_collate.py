@@ -143,7 +143,8 @@ def test_prompts_left_padding_and_texts(tok):
     rows = [{"prompt": P1}, {"prompt": long_prompt}]
     out, b = run(tok, "prompts", rows)
     assert out["prompt"] == [P1, long_prompt]
-    assert set(out) == {"prompt_ids", "truncated", "drop_reason", "prompt"}
+    assert set(out) == {"prompt_ids", "truncated", "drop_reason", "boundary_merged", "prompt"}
+    assert out["boundary_merged"] == [False, False]
     assert set(b) == {"prompt_input_ids", "prompt_attention_mask", "prompt"}
     assert rows_of(b["prompt_input_ids"]) == [
         [PAD, PAD, BOS, *ids(tok, P1)],
@@ -164,15 +165,19 @@ def test_prompts_mode_has_no_length_drop(tok):
 # --------------------------------------------------------------------------- EOS exactly once
 
 
-def test_completion_already_ending_in_eos_gets_no_second_one(tok):
+def test_eos_text_in_a_plain_completion_is_text(tok):
+    # "<eos>" written in a row is text, not the EOS token (issue 15, defect 3): the toy
+    # tokenizer, word-level, reads it as an unknown word; prefl appends the one real EOS.
+    UNK = tok.unk_token_id
     out, b = run(tok, "sft", [{"prompt": P1, "completion": "great fun <eos>"}])
-    assert out["completion_ids"] == [[*ids(tok, "great fun"), EOS]]
+    assert out["completion_ids"] == [[*ids(tok, "great fun"), UNK, EOS]]
     out, _ = run(tok, "pairs", [{"prompt": P1, "chosen": "good <eos>", "rejected": "bad"}])
-    assert out["chosen_ids"] == [[*ids(tok, "good"), EOS]]
+    assert out["chosen_ids"] == [[*ids(tok, "good"), UNK, EOS]]
     assert out["rejected_ids"] == [[*ids(tok, "bad"), EOS]]
 
 
 def test_encode_completions_eos_once(tok):
+    # RewardModel.score's tokenization (data rows keep "<eos>" text as text, see above)
     assert encode_completions(tok, ["great", "great <eos>", "great <eos> "], chat=False) == [
         [30, EOS],
         [30, EOS],
