@@ -27,6 +27,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from prefl.data.collate import pad
+from prefl.data.tokenize import encode_prompts
 from prefl.models.selected import masked_sequence_logps
 from prefl.models.sharding import gathered_params
 
@@ -203,7 +204,8 @@ def sample_completions(
     Args:
         model: A Hugging Face causal LM (eval mode is set for the call and restored after).
         tokenizer: Its tokenizer (PAD distinct from EOS).
-        prompts: Prompt texts, tokenized with special tokens (BOS) as in training.
+        prompts: Prompt texts, tokenized as data rows' prompts are (BOS, then the text as text:
+            special-token strings stay text; :func:`prefl.data.tokenize.encode_prompts`).
         max_new_tokens: Most tokens per completion.
         temperature: Sampling temperature (> 0). Samples come from exactly
             ``softmax(logits / temperature)`` (no top-k / top-p or other processor, whatever
@@ -222,7 +224,7 @@ def sample_completions(
         torch.manual_seed(seed)
         for start in range(0, len(expanded), batch_size):
             chunk = expanded[start : start + batch_size]
-            ids = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+            ids = encode_prompts(tokenizer, chunk)  # BOS + text (special strings stay text)
             length = max(len(i) for i in ids)
             input_ids = pad(ids, tokenizer.pad_token_id, length, left=True).to(device)
             attention = pad([[1] * len(i) for i in ids], 0, length, left=True).to(device)

@@ -23,9 +23,9 @@ from typing import Any
 
 import datasets
 
-from prefl.data.boundary import RowTextError, encode_rows, end_with_eos, strip_after_eos
+from prefl.data.boundary import RowTextError, encode_rows
 from prefl.data.formats import Columns, RowError, extract_texts, sft_column
-from prefl.data.specials import restore
+from prefl.data.specials import bos_prefix, encode_text, restore
 
 DROP_REASONS = ("identical", "identical_after_truncation", "prompt_too_long", "empty_completion")
 #: Column holding each row's index in its source split, added by the data module when it
@@ -59,26 +59,12 @@ def with_source_rows(ds: datasets.Dataset) -> datasets.Dataset:
     return ds.add_column(SOURCE_ROW, list(range(len(ds))))
 
 
-def encode_completions(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
-    """Tokenize ``N`` completions *on their own* (no special tokens added), each ending with EOS
-    exactly once; the tokenization ``RewardModel.score`` uses (special-token strings in the text
-    are read as special tokens, so a trailing EOS string is that EOS).
-
-    Data rows are tokenized by :func:`prefl.data.boundary.encode_rows` instead: special-token
-    text stays text, and completions are tokenized after their prompt (on their own,
-    SentencePiece tokenizers start ``" text"`` with a lone ``"▁"`` the model never sees there).
-    """
-    eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
-    if chat:
-        texts = [strip_after_eos(t, eos) for t in texts]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [end_with_eos(row, eos_id) for row in ids]
-
-
-def encode_prompts(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
-    """Tokenize ``N`` prompts the way ``RewardModel.score`` does: special tokens (BOS) are added
-    unless a chat template wrote them. Data rows use :func:`prefl.data.boundary.encode_rows`."""
-    return tokenizer(texts, add_special_tokens=not chat)["input_ids"] if texts else []
+def encode_prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Tokenize ``N`` plain prompt texts as data rows' prompts are: the BOS that
+    ``add_special_tokens`` would put first, then the text as text (special-token strings in it
+    stay text; see :func:`prefl.data.specials.encode_text`). For prompts that are sampled from
+    (evaluation); rows with completions go through :func:`prefl.data.boundary.encode_rows`."""
+    return [bos_prefix(tokenizer) + ids for ids in encode_text(tokenizer, texts, chat=False)]
 
 
 def truncate_prompt(

@@ -141,20 +141,23 @@ class RewardModel(torch.nn.Module):
     def score(
         self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32
     ) -> list[float]:
-        """Rewards of (prompt, completion) texts, tokenized as the data module does (prompt with
-        BOS, completion ending in EOS), in the order given."""
+        """Rewards of (prompt, completion) texts, tokenized as the data module tokenizes plain
+        rows (:func:`prefl.data.boundary.encode_rows`: BOS, the completion after its prompt in
+        the joint text, ending in exactly one EOS; special-token strings stay text), in the order
+        given."""
+        from prefl.data.boundary import encode_rows
         from prefl.data.collate import pad
-        from prefl.data.tokenize import encode_completions, encode_prompts
 
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         out: list[float] = []
         for start in range(0, len(prompts), batch_size):
-            p = encode_prompts(self.tokenizer, list(prompts[start : start + batch_size]), False)
-            c = encode_completions(
-                self.tokenizer, list(completions[start : start + batch_size]), False
+            chunk = slice(start, start + batch_size)
+            rows = encode_rows(
+                self.tokenizer, list(prompts[chunk]), [[c] for c in completions[chunk]], False
             )
+            p, c = rows.prompts, [ids for (ids,) in rows.completions]
             seqs = [a + b for a, b in zip(p, c, strict=True)]
             length = max(len(s) for s in seqs)
             ids = pad(seqs, self.tokenizer.pad_token_id, length).to(device)

@@ -148,3 +148,16 @@ def byte_level_bpe(
 def lone_metaspace_id(tok: PreTrainedTokenizerFast) -> int:
     """The id of the lone ``"▁"`` piece."""
     return tok.convert_tokens_to_ids("▁")
+
+
+def encode_alone(tokenizer, texts, chat):
+    """Completions tokenized *on their own* (the pre-issue-15 rule, kept as the reference the
+    boundary tests compare against): no special tokens added, special strings read as special,
+    each ending with EOS exactly once (a chat text cut after its first EOS)."""
+    from prefl.data.boundary import end_with_eos, strip_after_eos
+
+    eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
+    if chat:
+        texts = [strip_after_eos(t, eos) for t in texts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [end_with_eos(row, eos_id) for row in ids]

@@ -14,12 +14,12 @@ import logging
 
 import datasets
 import pytest
-from offline_tokenizers import byte_level_bpe, lone_metaspace_id, sentencepiece_bpe
+from offline_tokenizers import byte_level_bpe, encode_alone, lone_metaspace_id, sentencepiece_bpe
 
 from prefl.data import PreferenceDataModule
 from prefl.data.boundary import encode_rows, separator, shared_prefix_length
 from prefl.data.formats import Columns, split_implicit
-from prefl.data.tokenize import Limits, encode_completions, encode_prompts, tokenize_batch
+from prefl.data.tokenize import Limits, encode_prompts, tokenize_batch
 from prefl.models.tokenizers import build_toy_tokenizer
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
@@ -89,7 +89,7 @@ def test_the_defect_sentencepiece_alone_starts_with_a_lone_piece(sp, sp_first, b
     joint = sp(f"{A} Sure thing", add_special_tokens=False)["input_ids"]
     assert alone[0] == lone and lone not in joint  # the stray "▁" of issue 15
     # prefl's encode_completions (on their own) still shows it; encode_rows does not
-    assert encode_completions(sp, [" Sure thing"], chat=False)[0][0] == lone
+    assert encode_alone(sp, [" Sure thing"], chat=False)[0][0] == lone
     assert encode_rows(sp, [A], [[" Sure thing"]], chat=False).completions[0][0][0] != lone
     # Metaspace(prepend_scheme="first") and byte-level BPE agree either way
     for tok, text in ((sp_first, " Sure thing"), (bl, " Sure thing")):
@@ -148,7 +148,7 @@ def test_byte_level_output_is_unchanged(bl, mode):
         for completions, (_, texts) in zip(
             completions_of(out, mode), texts_of(mode, HH_ROWS + INST_ROWS), strict=True
         ):
-            assert completions == encode_completions(bl, texts, chat=False)
+            assert completions == encode_alone(bl, texts, chat=False)
 
 
 def test_byte_level_chatml_rows_are_unchanged(bl):
@@ -167,7 +167,7 @@ def test_byte_level_chatml_rows_are_unchanged(bl):
         assert out["prompt_ids"][i] == bl(prompt, add_special_tokens=False)["input_ids"]
         for key in ("chosen", "rejected"):
             full = bl.apply_chat_template(row["prompt"] + row[key], tokenize=False)
-            old = encode_completions(bl, [full[len(prompt) :]], chat=True)[0]
+            old = encode_alone(bl, [full[len(prompt) :]], chat=True)[0]
             assert out[f"{key}_ids"][i] == old and old[-1] == bl.eos_token_id
 
 
@@ -176,8 +176,8 @@ def test_toy_rows_tokenize_as_before():
     assert separator(tok) == " "  # word-level: "was" + "great" are two words
     rows = [{"prompt": "happily , the movie was", "chosen": "great fun", "rejected": "bad"}]
     out = run(tok, "pairs", rows, "explicit")
-    assert out["prompt_ids"] == encode_prompts(tok, ["happily , the movie was"], chat=False)
-    assert out["chosen_ids"] == encode_completions(tok, ["great fun"], chat=False)
+    assert out["prompt_ids"] == encode_prompts(tok, ["happily , the movie was"])
+    assert out["chosen_ids"] == encode_alone(tok, ["great fun"], chat=False)
     assert out["boundary_merged"] == [False]
 
 
@@ -256,4 +256,4 @@ def test_real_hh_rows(hh_rows):
     starts = [out[f"{k}_ids"][i][0] for i in kept for k in ("chosen", "rejected")]
     assert starts.count(lone) < 0.02 * len(starts)
     replies = [split_implicit(hh_rows[i]["chosen"], hh_rows[i]["rejected"])[1] for i in kept]
-    assert all(ids[0] == lone for ids in encode_completions(tok, replies, chat=False))
+    assert all(ids[0] == lone for ids in encode_alone(tok, replies, chat=False))

@@ -11,12 +11,12 @@ import re
 import pytest
 import torch
 
+from prefl.data.boundary import end_with_eos, strip_after_eos
 from prefl.data.collate import PreferenceCollator, pad, padded_length
 from prefl.data.formats import Columns, RowError
 from prefl.data.tokenize import (
     DROP_REASONS,
     Limits,
-    encode_completions,
     fit_completion,
     tokenize_batch,
     tokenize_row,
@@ -176,17 +176,14 @@ def test_eos_text_in_a_plain_completion_is_text(tok):
     assert out["rejected_ids"] == [[*ids(tok, "bad"), EOS]]
 
 
-def test_encode_completions_eos_once(tok):
-    # RewardModel.score's tokenization (data rows keep "<eos>" text as text, see above)
-    assert encode_completions(tok, ["great", "great <eos>", "great <eos> "], chat=False) == [
-        [30, EOS],
-        [30, EOS],
-        [30, EOS],
-    ]
-    assert encode_completions(tok, ["great <eos> ", "great <eos>\n"], chat=True) == [
-        [30, EOS],
-        [30, EOS],
-    ]
+def test_end_with_eos_and_strip_after_eos():
+    """A completion's ids end with EOS exactly once; whitespace a chat template writes after its
+    final EOS is dropped, nothing else."""
+    assert end_with_eos([30], EOS) == [30, EOS] and end_with_eos([30, EOS], EOS) == [30, EOS]
+    assert strip_after_eos("great <eos> ", "<eos>") == "great <eos>"
+    assert strip_after_eos("great <eos>\n", "<eos>") == "great <eos>"
+    assert strip_after_eos("great <eos> x ", "<eos>") == "great <eos> x "
+    assert strip_after_eos("great", "<eos>") == "great"
 
 
 def test_chat_template_completion_ends_with_single_eos(tok):

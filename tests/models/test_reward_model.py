@@ -285,12 +285,20 @@ def test_score_equals_forward_on_hand_built_ids_in_order(tok):
     assert reversed_scores == pytest.approx(expected[::-1], abs=TOL)
 
 
-def test_score_does_not_double_an_eos_the_text_already_has(tok):
-    """A completion written with its EOS gets exactly one EOS, so it scores like the plain one."""
+def test_score_tokenizes_as_the_data_module_does(tok):
+    """``score`` reads the sequence training reads: BOS + prompt, the completion after it in the
+    joint text, one EOS. A completion that *writes* the EOS string keeps it as text (``<unk>`` in
+    the toy vocabulary), so it scores like that exact sequence, not like the plain one."""
+    from prefl.data.boundary import encode_rows
+
     rm = toy_reward_model(tok)
-    plain = rm.score(PROMPTS[:1], COMPLETIONS[:1])
-    with_eos = rm.score(PROMPTS[:1], [COMPLETIONS[0] + " <eos>"])
-    assert with_eos == pytest.approx(plain, abs=TOL)
+    written = COMPLETIONS[0] + " <eos>"
+    rows = encode_rows(tok, PROMPTS[:1], [[written]], chat=False)
+    ids = rows.prompts[0] + rows.completions[0][0]
+    assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+    assert tok.unk_token_id in ids
+    expected = rm(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+    assert rm.score(PROMPTS[:1], [written]) == pytest.approx([expected], abs=TOL)
 
 
 # --------------------------------------------------------------------------- LoRA
