@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch import Callback
 from trl_harness import build_tokenizer
 
-from prefl.data import toy
+from prefl.tasks import toy
 
 __all__ = ["StepTimer", "build_tokenizer", "long_rows", "matmul_params", "time_ppo_phases"]
 

@@ -6,7 +6,7 @@ untied 32k embeddings; its parameter count is printed), the offline 32k word-lev
 filler prompts, 40-50-word toy-word completions: ~200 tokens, so activations and logits matter).
 Each entry of :data:`CONFIGS` trains ``--steps`` AdamW steps (2 pairs or prompts each) under a
 Lightning ``Trainer``: DPO fp32 with a live reference copy (baseline) and with one memory option
-each, the naive log-prob path (``prefl.models.selected.token_logps`` monkeypatched to
+each, the naive log-prob path (``prefl.functional.selected.token_logps`` monkeypatched to
 ``log_softmax(logits.float()).gather``), fp32 and bf16-mixed, gradients set to None right after
 each step (a callback, not a prefl option), and PPO (RLOO, k=2, 24 new tokens, the reward-model
 export) with and without ``offload_frozen``.
@@ -49,11 +49,12 @@ from gpu_check_parts import build_tokenizer
 from lightning.pytorch import Callback, Trainer, seed_everything
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import prefl.models.selected
+import prefl.functional.selected
 from prefl import CausalLMSpec, DPOModule, PPOModule, PreferenceDataModule
-from prefl.data import toy
-from prefl.models import LoraSpec, is_lora, load_tokenizer
+from prefl.data import load_tokenizer
+from prefl.models import LoraSpec, is_lora
 from prefl.models.reward import RewardModel, build_reward_model
+from prefl.tasks import toy
 
 RESULT_PREFIX = "RESULT "
 SIZES: dict[str, dict[str, int]] = {
@@ -182,7 +183,7 @@ def build(name: str, workdir: Path, settings: dict[str, Any]) -> tuple[Any, Any,
     trainer_args: dict[str, Any] = {"precision": "bf16-mixed" if "bf16" in flags else "32-true"}
     if stage == "dpo":
         if "naive" in flags:
-            prefl.models.selected.token_logps = naive_token_logps  # what DPO log-probs call
+            prefl.functional.selected.token_logps = naive_token_logps  # what DPO log-probs call
         module = DPOModule(
             spec, optimizer=optimizer, lr_scheduler=None,
             precompute_ref_logps="precompute" in flags,

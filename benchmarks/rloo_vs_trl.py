@@ -6,7 +6,7 @@ Both libraries start from the same random-init 4-layer, 256-wide Llama with a 32
 JSONL file and, every optimizer step, sample ``--num-generations`` completions for each of
 ``--batch`` prompts (pure sampling at temperature 1, no top-k/top-p, exactly
 ``--max-new-tokens`` new tokens at most, the KV cache through ``generate``), score them with the
-same reward function (the toy oracle, :func:`prefl.data.toy.oracle_rewards`, on the decoded
+same reward function (the toy oracle, :func:`prefl.tasks.toy.oracle_rewards`, on the decoded
 completions), take the old-policy and reference log-probs (two no-grad forwards), subtract
 ``0.05 ×`` the sequence KL (k1) from the score, form leave-one-out advantages, and take one clipped
 policy-gradient step (one pass, one minibatch: prefl ``ppo_epochs=1, mini_batch_size=None``, TRL
@@ -55,7 +55,7 @@ META: dict[str, Any] = {
         "prompts: the same toy prompts from one JSONL file, tokenized to the same ids (<bos> ...)",
         "prompts per step, completions per prompt, max new tokens; sampling at temperature 1 "
         "without top-k/top-p through transformers generate with the KV cache",
-        "reward: the toy oracle (prefl.data.toy.oracle_rewards) on the decoded completions, no "
+        "reward: the toy oracle (prefl.tasks.toy.oracle_rewards) on the decoded completions, no "
         "EOS penalty, no clipping, no normalisation",
         "KL: k1 summed over the completion, 0.05 x KL subtracted from the score; leave-one-out "
         "baseline; advantages not whitened",

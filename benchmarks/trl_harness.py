@@ -9,7 +9,7 @@ What every comparison shares:
   32,000 tokens (the toy task's lexicon, distinct PAD/EOS/BOS/UNK, synthetic filler words up to the
   vocabulary size), built with the ``tokenizers`` library. Both libraries load model and tokenizer
   from that directory, in float32; nothing comes from the hub.
-- **The data.** Rows of prefl's toy task (:mod:`prefl.data.toy`) written once to JSONL, which both
+- **The data.** Rows of prefl's toy task (:mod:`prefl.tasks.toy`) written once to JSONL, which both
   sides read. Completions start with a space, because TRL joins ``prompt + completion`` as strings,
   so both tokenize to the same ids: ``<bos> prompt words completion words <eos>``.
 - **The clock.** Each run is a subprocess (``--worker prefl|trl``) that records a timestamp at the
@@ -24,7 +24,6 @@ What every comparison shares:
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import sys
@@ -55,19 +54,11 @@ ADAMW: dict[str, Any] = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0
 MAX_GRAD_NORM = 1.0
 
 
-@functools.cache
 def toy_task() -> ModuleType:
-    """prefl's ``prefl/data/toy.py`` loaded on its own (it needs only the standard library):
-    ``import prefl.data.toy`` would run ``prefl/data/__init__.py`` and so import Lightning, which
-    would add Lightning's import time and memory to the TRL workers."""
-    spec = importlib.util.find_spec("prefl")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("prefl is not installed (pip install -e .)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "toy.py"
-    toy_spec = importlib.util.spec_from_file_location("_prefl_toy_task", path)
-    module = importlib.util.module_from_spec(toy_spec)
-    toy_spec.loader.exec_module(module)
-    return module
+    """prefl's toy task, :mod:`prefl.tasks.toy`: pure Python, so importing it brings in neither
+    Lightning nor torch (``prefl/__init__.py`` loads its public names lazily), and the TRL
+    workers pay no import time or memory for prefl."""
+    return importlib.import_module("prefl.tasks.toy")
 
 
 def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:
@@ -142,7 +133,7 @@ COMPLETION_WORDS: list[int] = []
 
 
 def toy_oracle_reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-    """The toy oracle (``oracle_rewards`` of ``prefl/data/toy.py``) in TRL's reward-function
+    """The toy oracle (``oracle_rewards`` of ``prefl/tasks/toy.py``) in TRL's reward-function
     signature, also counting completion lengths; both libraries call this same function (prefl by
     its import path ``trl_harness:toy_oracle_reward``)."""
     COMPLETION_WORDS.extend(len(c.split()) for c in completions)

@@ -48,9 +48,9 @@ from prefl import (
     RewardModule,
     SFTModule,
 )
-from prefl.data import toy
-from prefl.data.toy_optimum import best_of_n, frontier_reward_at, optimal_frontier
-from prefl.eval import evaluate
+from prefl.generation.evaluate import evaluate
+from prefl.tasks import toy
+from prefl.tasks.toy_optimum import best_of_n, frontier_reward_at, optimal_frontier
 
 SMALL = os.environ.get("PREFL_NB_SMALL", "") not in ("", "0")
 OUT = Path(os.environ.get("PREFL_NB_OUT", "notebooks_out"))  # plots go here
@@ -129,8 +129,8 @@ reward_trainer.fit(
 # %% [markdown]
 # ## 2. Evaluation
 #
-# `prefl.eval.evaluate` samples from the policy and from the reference on held-out prompts (the
-# same prompts and seed for both) and reports the oracle reward of each and the sequence-level
+# `prefl.generation.evaluate` samples from the policy and from the reference on held-out prompts
+# (the same prompts and seed for both) and reports the oracle reward of each and the sequence-level
 # KL(policy ‖ reference), estimated on the policy's own samples — the numbers
 # `SampleReport(compare_reference=True)` prints at the end of a CLI run.
 
@@ -264,7 +264,7 @@ plt.show()
 # Points further up and to the left are better: more true reward for less divergence from the SFT
 # model. The black curve is the best any method can do: on the toy task the reference is the
 # corpus's generator and the reward is the oracle, so the optimum of `E[r] − β·KL`, `π* ∝
-# π_ref·exp(r/β)`, is computed exactly (`prefl.data.toy_optimum`); the gray line is best-of-n
+# π_ref·exp(r/β)`, is computed exactly (`prefl.tasks.toy_optimum`); the gray line is best-of-n
 # sampling from the generator. Lowering β moves each method along its curve towards more reward
 # and more KL. With the default settings PPO's points lie above DPO's on this toy task: PPO is
 # scored on its own samples at every step, while DPO only ever sees the fixed, offline pairs. Both

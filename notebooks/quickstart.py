@@ -44,8 +44,8 @@ from prefl import (
     SampleReport,
     SFTModule,
 )
-from prefl.data import toy
 from prefl.losses import implicit_rewards
+from prefl.tasks import toy
 
 SMALL = os.environ.get("PREFL_NB_SMALL", "") not in ("", "0")
 OUT = Path(os.environ.get("PREFL_NB_OUT", "notebooks_out"))  # plots go here

@@ -47,8 +47,8 @@ from prefl import (
     SampleReport,
     SFTModule,
 )
-from prefl.data import toy
-from prefl.generation import sample_completions
+from prefl.generation.sample import sample_completions
+from prefl.tasks import toy
 
 SMALL = os.environ.get("PREFL_NB_SMALL", "") not in ("", "0")
 OUT = Path(os.environ.get("PREFL_NB_OUT", "notebooks_out"))  # plots go here

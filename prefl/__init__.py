@@ -1,7 +1,7 @@
 """prefl: preference tuning of language models (SFT, reward model, DPO, PPO) on Lightning.
 
 The public API, loaded lazily so that ``import prefl.functional`` or ``import prefl.losses``
-pulls in torch alone; see the README for a tour.
+pulls in torch alone; the manual is in ``docs/``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ _EXPORTS = {
     "RewardWriter": "prefl.callbacks",
     "SFTModule": "prefl.modules",
     "SampleReport": "prefl.callbacks",
-    "WarmupCosineLR": "prefl.modules",
+    "WarmupCosineLR": "prefl.training",
     "build_causal_lm": "prefl.models",
-    "load_tokenizer": "prefl.models",
+    "load_tokenizer": "prefl.data",
     "masked_mean": "prefl.functional",
     "sequence_logps": "prefl.functional",
     "bradley_terry_loss": "prefl.losses",
@@ -58,11 +58,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from prefl.callbacks import EvalCallback, HFExport, RewardReport, RewardWriter, SampleReport
-    from prefl.data import PreferenceDataModule
+    from prefl.data import PreferenceDataModule, load_tokenizer
     from prefl.functional import masked_mean, sequence_logps
     from prefl.losses import bradley_terry_loss, dpo_loss
-    from prefl.models import CausalLMSpec, LoraSpec, RewardModel, build_causal_lm, load_tokenizer
-    from prefl.modules import DPOModule, PPOModule, RewardModule, SFTModule, WarmupCosineLR
+    from prefl.models import CausalLMSpec, LoraSpec, RewardModel, build_causal_lm
+    from prefl.modules import DPOModule, PPOModule, RewardModule, SFTModule
+    from prefl.training import WarmupCosineLR
 
 
 def __getattr__(name: str) -> Any:

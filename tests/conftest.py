@@ -24,7 +24,8 @@ def sft_dir(tmp_path_factory):
     """A toy 'SFT export' on disk (random-init toy Llama, seed 0, and the toy tokenizer): the
     source that DPO, reward and PPO tests load their policy, reference, reward or value model
     from."""
-    from prefl.models import CausalLMSpec, build_causal_lm, load_tokenizer
+    from prefl.data import load_tokenizer
+    from prefl.models import CausalLMSpec, build_causal_lm
 
     torch.manual_seed(0)
     tok = load_tokenizer("toy")

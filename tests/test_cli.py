@@ -143,7 +143,7 @@ def test_pipeline_scores_methods_against_the_exact_optimum(pipeline):
     """summary.json holds the exact optimal curve, best-of-n and, per stage, R*(KL paid) and
     frontier_efficiency = reward / R*; DPO and PPO sit on or under the curve (up to sampling
     noise); the table prints both, and the SFT NLL next to the generator's."""
-    from prefl.data.toy_optimum import frontier_reward_at
+    from prefl.tasks.toy_optimum import frontier_reward_at
 
     _, log, summary = pipeline
     curve = summary["optimum"]["frontier"]
@@ -282,7 +282,7 @@ def test_toy_rl_runs_raise_the_oracle_reward(config, pipeline):
 def test_sweep_adds_frontier_curves(pipeline, monkeypatch):
     """`--sweep` runs DPO per β and PPO per KL coefficient and plots both curves (one value
     each here, to keep the test short)."""
-    import prefl.toy as pipeline_module
+    import prefl.pipeline as pipeline_module
 
     out, _, summary = pipeline
     monkeypatch.setattr(pipeline_module, "DPO_BETAS", (0.25,))

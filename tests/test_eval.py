@@ -1,11 +1,12 @@
-"""prefl.eval: diversity, win rate and the policy-vs-reference evaluation."""
+"""prefl.generation.evaluate: diversity, win rate and the policy-vs-reference evaluation."""
 
 import pytest
 import torch
 
-from prefl.data import toy
-from prefl.eval import distinct_n, evaluate, win_rate
-from prefl.models import CausalLMSpec, build_causal_lm, load_tokenizer
+from prefl.data import load_tokenizer
+from prefl.generation.evaluate import distinct_n, evaluate, win_rate
+from prefl.models import CausalLMSpec, build_causal_lm
+from prefl.tasks import toy
 
 
 def test_distinct_n_by_hand():

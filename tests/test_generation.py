@@ -1,4 +1,4 @@
-"""Tests for prefl.generation: the completion mask by hand, and ``sample_completions`` on the
+"""Tests for prefl.generation.sample: the completion mask by hand, and ``sample_completions`` on the
 tiny random toy model (ordering, seeding, RNG isolation, train/eval mode, EOS truncation).
 
 With its tied random embeddings the toy model mostly repeats the last prompt token, with a top
@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefl.generation import Samples, completion_mask, sample_completions
-from prefl.models import CausalLMSpec, build_causal_lm, load_tokenizer
+from prefl.data import load_tokenizer
+from prefl.generation.sample import Samples, completion_mask, sample_completions
+from prefl.models import CausalLMSpec, build_causal_lm
 
 PAD, EOS = 0, 1
 PROMPTS = [

@@ -8,7 +8,8 @@ given a hostile generation config (in memory, and saved to disk and reloaded thr
 :func:`prefl.models.build_causal_lm`), and every step's sampling distribution of prefl's
 generation path (``output_scores``, the processed scores ``generate`` samples from) is compared
 with ``softmax(logits / T)`` of a separate teacher-forced forward and with the log-probs the PPO
-loss uses (:func:`prefl.rollout.response_logprobs`). The old call (sampling kwargs only) and a
+loss uses (:func:`prefl.generation.rollout.response_logprobs`). The old call (sampling kwargs only)
+and a
 fresh ``GenerationConfig`` passed without isolation are shown to sample from something else.
 """
 
@@ -20,16 +21,17 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+from prefl.data import load_tokenizer
 from prefl.data.collate import pad
-from prefl.generation import (
+from prefl.generation.rollout import Responses, response_logprobs, sample_responses
+from prefl.generation.sample import (
     completion_mask,
     generate_with,
     isolated_generation_config,
     sample_completions,
     sampling_config,
 )
-from prefl.models import CausalLMSpec, build_causal_lm, load_tokenizer
-from prefl.rollout import Responses, response_logprobs, sample_responses
+from prefl.models import CausalLMSpec, build_causal_lm
 
 PAD, EOS = 0, 1
 T = 0.7

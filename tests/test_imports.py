@@ -23,12 +23,18 @@ def test_package_has_modules():
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_module_imports_first(name, monkeypatch):
+def test_module_imports_first(name):
     """Import ``name`` with no other prefl module loaded, so an import cycle that only bites when
     this module comes first shows up (third-party packages stay cached: this stays fast)."""
-    for loaded in [m for m in sys.modules if m == "prefl" or m.startswith("prefl.")]:
-        monkeypatch.delitem(sys.modules, loaded)
-    importlib.import_module(name)
+    ours = {m: mod for m, mod in sys.modules.items() if m == "prefl" or m.startswith("prefl.")}
+    for loaded in ours:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    finally:  # the session's own copies back, and no fresh copy left beside them
+        for fresh in [m for m in sys.modules if m == "prefl" or m.startswith("prefl.")]:
+            del sys.modules[fresh]
+        sys.modules.update(ours)
 
 
 def test_public_api():

@@ -14,8 +14,8 @@ import math
 
 import pytest
 
-from prefl.data import toy
-from prefl.data.toy_optimum import (
+from prefl.tasks import toy
+from prefl.tasks.toy_optimum import (
     best_of_n,
     entropy_per_token,
     frontier_reward_at,
@@ -122,7 +122,7 @@ def optimum_runs(tmp_path_factory):
     import os
 
     from prefl.callbacks import EntropyReport
-    from prefl.toy import evaluate_exports, fit_stage
+    from prefl.pipeline import evaluate_exports, fit_stage
 
     out = tmp_path_factory.mktemp("optimum")
     previous = os.getcwd()

@@ -1,4 +1,4 @@
-"""Tests for the PPO rollout pieces: :mod:`prefl.rollout`, the :class:`Scorer` and the
+"""Tests for the PPO rollout pieces: :mod:`prefl.generation.rollout`, the :class:`Scorer` and the
 :class:`KLController`, on hand values and on the tiny random toy model.
 
 The toy model (tied random embeddings) mostly repeats the last prompt token with a top-logit gap
@@ -13,18 +13,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefl.models import CausalLMSpec, build_causal_lm, load_tokenizer
-from prefl.models.reward import RewardModel, build_reward_model
-from prefl.models.value import build_value_model
-from prefl.modules.kl_control import KLController
-from prefl.modules.scoring import Scorer
-from prefl.rollout import (
+from prefl.data import load_tokenizer
+from prefl.generation.rewards import Scorer
+from prefl.generation.rollout import (
     Responses,
     response_logprobs,
     response_values,
     sample_responses,
     token_rewards,
 )
+from prefl.models import CausalLMSpec, build_causal_lm
+from prefl.models.reward import RewardModel, build_reward_model
+from prefl.models.value import build_value_model
+from prefl.training.kl_control import KLController
 
 PAD, EOS = 0, 1
 SPECIALS = [0, 1, 2, 3, 4, 5, 6]  # <pad> <eos> <bos> <unk> and the three role markers

@@ -4,7 +4,7 @@ from prefl.callbacks.entropy import EntropyReport
 from prefl.callbacks.evaluation import EvalCallback
 from prefl.callbacks.export import HFExport
 from prefl.callbacks.rewards import RewardReport, RewardWriter
-from prefl.callbacks.samples import SampleReport, resolve_reward_fn
+from prefl.callbacks.samples import SampleReport
 
 __all__ = [
     "EntropyReport",
@@ -13,5 +13,4 @@ __all__ = [
     "RewardReport",
     "RewardWriter",
     "SampleReport",
-    "resolve_reward_fn",
 ]

@@ -2,11 +2,11 @@
 
 SFT minimises the cross-entropy of the model against the corpus's generator; its floor is the
 generator's entropy. On the toy task the generator can score its own samples exactly
-(:func:`prefl.data.toy.generator_logprob`), so at the end of ``fit`` this callback computes, on
+(:func:`prefl.tasks.toy.generator_logprob`), so at the end of ``fit`` this callback computes, on
 the data module's validation rows, the model's NLL per completion token (EOS included) and the
 generator's NLL per token on the very same rows (an estimate of its entropy with the same
 sampling noise, which cancels in the ratio), next to the exact entropy per token over the
-evaluation prompts (:func:`prefl.data.toy_optimum.entropy_per_token`).
+evaluation prompts (:func:`prefl.tasks.toy_optimum.entropy_per_token`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from prefl.data import toy
-from prefl.data.toy_optimum import entropy_per_token
 from prefl.functional import next_token_targets, token_logps
+from prefl.tasks import toy
+from prefl.tasks.toy_optimum import entropy_per_token
 
 
 class EntropyReport(Callback):

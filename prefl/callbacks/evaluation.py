@@ -1,4 +1,5 @@
-"""EvalCallback: :func:`prefl.eval.evaluate` during training and at its end, logged as ``eval/*``.
+"""EvalCallback: :func:`prefl.generation.evaluate.evaluate` during training and at its end, logged
+as ``eval/*``.
 
 Each evaluation samples from the module's policy (``pl_module.model``) and from its reference
 (``pl_module.reference_context()``, e.g. DPO's and PPO's frozen SFT model) on held-out prompts and
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from prefl.callbacks.samples import resolve_reward_fn, runs_on_this_rank
-from prefl.data import toy
-from prefl.eval import evaluate
+from prefl.callbacks.samples import runs_on_this_rank
+from prefl.generation.evaluate import evaluate
+from prefl.generation.rewards import resolve_reward_fn
+from prefl.tasks import toy
 
 
 class EvalCallback(Callback):
@@ -27,7 +29,7 @@ class EvalCallback(Callback):
         max_new_tokens: Most tokens per completion.
         temperature: Sampling temperature: samples come from exactly
             ``softmax(logits / temperature)``, whatever the checkpoints' generation configs say
-            (see :func:`prefl.eval.evaluate`).
+            (see :func:`prefl.generation.evaluate.evaluate`).
         seed: Sampling seed (the same at every evaluation, so points are comparable).
     """
 

@@ -19,8 +19,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional import spearman_corrcoef
 
-from prefl.callbacks.samples import resolve_reward_fn, runs_on_this_rank
-from prefl.data import toy
+from prefl.callbacks.samples import runs_on_this_rank
+from prefl.generation.rewards import resolve_reward_fn
+from prefl.tasks import toy
 
 
 class RewardWriter(BasePredictionWriter):

@@ -9,30 +9,15 @@ go to TensorBoard.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
-
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
-from prefl.data import toy
-from prefl.generation import Samples, sample_completions, score_samples
-
-RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
-
-
-def resolve_reward_fn(name: str) -> RewardFn:
-    """``"toy"`` for the toy oracle, or ``"package.module:function"`` for your own function
-    ``fn(prompts, completions) -> list[float]``."""
-    if name == "toy":
-        return toy.oracle_rewards
-    module, sep, attr = name.partition(":")
-    if not sep:
-        raise ValueError(f"reward function {name!r}: expected 'toy' or 'package.module:function'")
-    return getattr(importlib.import_module(module), attr)
+from prefl.generation.rewards import resolve_reward_fn
+from prefl.generation.sample import Samples, sample_completions, score_samples
+from prefl.tasks import toy
 
 
 class SampleReport(Callback):

@@ -25,7 +25,6 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from prefl.data import toy
 from prefl.data.accounting import keep_and_count
 from prefl.data.boundary import count_merged
 from prefl.data.collate import PreferenceCollator
@@ -38,6 +37,7 @@ from prefl.data.sampling import (
     row_lengths,
 )
 from prefl.data.tokenize import Limits, tokenize_batch, with_source_rows
+from prefl.data.tokenizers import load_tokenizer
 from prefl.data.validate import (
     check_columns,
     has_margin,
@@ -45,7 +45,7 @@ from prefl.data.validate import (
     looks_like_file,
     undecodable,
 )
-from prefl.models.tokenizers import load_tokenizer
+from prefl.tasks import toy
 
 Mode = Literal["pairs", "prompts", "sft"]
 RowFormat = Literal["auto", "explicit", "implicit", "conversational"]

@@ -1,13 +1,11 @@
 """Pure loss functions (torch only), one function per variant behind a name table."""
 
-from prefl.losses.advantages import ADVANTAGE_ESTIMATORS, grpo, reinforce_baseline, rloo
 from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss, dpo_loss_terms, implicit_rewards
 from prefl.losses.ppo import clipped_policy_loss, clipped_value_loss
 from prefl.losses.reward import bradley_terry_loss, reward_accuracy
 from prefl.losses.sft import sft_loss
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS",
     "DPO_LOSSES",
     "REFERENCE_FREE",
     "bradley_terry_loss",
@@ -15,10 +13,7 @@ __all__ = [
     "clipped_value_loss",
     "dpo_loss",
     "dpo_loss_terms",
-    "grpo",
     "implicit_rewards",
-    "reinforce_baseline",
     "reward_accuracy",
-    "rloo",
     "sft_loss",
 ]

@@ -1,4 +1,4 @@
-"""Models and loaders: Hugging Face causal LMs, LoRA wiring, tokenizers (incl. the toy one)."""
+"""Models and loaders: Hugging Face causal LMs, LoRA wiring, sharding."""
 
 from prefl.models.causal_lm import (
     TOY_MODEL_CONFIG,
@@ -9,7 +9,6 @@ from prefl.models.causal_lm import (
 )
 from prefl.models.lora import LoraSpec, apply_lora, is_lora, merge_lora
 from prefl.models.reward import RewardModel, build_reward_model
-from prefl.models.tokenizers import build_toy_tokenizer, load_tokenizer
 
 __all__ = [
     "TOY_MODEL_CONFIG",
@@ -20,9 +19,7 @@ __all__ = [
     "apply_lora",
     "build_causal_lm",
     "build_reward_model",
-    "build_toy_tokenizer",
     "disable_dropout",
     "is_lora",
-    "load_tokenizer",
     "merge_lora",
 ]

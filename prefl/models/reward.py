@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
+from prefl.data.boundary import encode_rows
+from prefl.data.collate import pad
+from prefl.data.tokenizers import load_tokenizer
 from prefl.models.causal_lm import CausalLMSpec, build_hf_model
 from prefl.models.lora import is_lora, merge_lora
-from prefl.models.tokenizers import load_tokenizer
 
 STATS_FILE = "reward_stats.json"
 
@@ -145,9 +147,6 @@ class RewardModel(torch.nn.Module):
         rows (:func:`prefl.data.boundary.encode_rows`: BOS, the completion after its prompt in
         the joint text, ending in exactly one EOS; special-token strings stay text), in the order
         given."""
-        from prefl.data.boundary import encode_rows
-        from prefl.data.collate import pad
-
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()

@@ -4,7 +4,6 @@ from prefl.modules.base import CausalLMModule
 from prefl.modules.dpo import DPOModule
 from prefl.modules.ppo import PPOModule
 from prefl.modules.reward import RewardModule
-from prefl.modules.schedules import WarmupCosineLR
 from prefl.modules.sft import SFTModule
 
 __all__ = [
@@ -13,5 +12,4 @@ __all__ = [
     "PPOModule",
     "RewardModule",
     "SFTModule",
-    "WarmupCosineLR",
 ]

@@ -19,7 +19,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
-from prefl.models import CausalLMSpec, build_causal_lm, is_lora, load_tokenizer, merge_lora
+from prefl.data import load_tokenizer
+from prefl.models import CausalLMSpec, build_causal_lm, is_lora, merge_lora
 from prefl.models.sharding import (
     broadcast_sharded,
     data_parallel_mesh,
@@ -27,9 +28,9 @@ from prefl.models.sharding import (
     full_state_dict,
     is_sharded,
 )
-from prefl.modules.checkpoints import CheckedCheckpointIO
-from prefl.modules.guard import NonFiniteGuardMixin
-from prefl.modules.schedules import WarmupCosineLR
+from prefl.training.checkpoints import CheckedCheckpointIO
+from prefl.training.guard import NonFiniteGuardMixin
+from prefl.training.schedules import WarmupCosineLR
 
 
 class CausalLMModule(NonFiniteGuardMixin, LightningModule):
@@ -45,7 +46,7 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
             optimizer step. None = constant learning rate.
         max_nonfinite_steps: Optimizer steps with a NaN/inf loss or gradient are skipped
             (counted in ``train/nonfinite_steps``); this many in a row stop the run with
-            :class:`~prefl.modules.guard.NonFiniteError`.
+            :class:`~prefl.training.guard.NonFiniteError`.
     """
 
     def __init__(
@@ -87,7 +88,7 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
 
     def setup(self, stage: str) -> None:
         """Before Lightning restores anything, make the strategy check a checkpoint before it
-        loads it (:class:`~prefl.modules.checkpoints.CheckedCheckpointIO`): a damaged one gets a
+        loads it (:class:`~prefl.training.checkpoints.CheckedCheckpointIO`): a damaged one gets a
         clear error naming the intact ones beside it."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         if strategy is not None and not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):

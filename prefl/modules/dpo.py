@@ -27,11 +27,11 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from prefl.functional import global_weighted_mean
+from prefl.functional.selected import masked_sequence_logps
 from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss_terms, implicit_rewards
 from prefl.models import CausalLMSpec, disable_dropout, is_lora
-from prefl.models.selected import masked_sequence_logps
 from prefl.modules.reference import ReferenceModule
-from prefl.modules.schedules import WarmupCosineLR
+from prefl.training.schedules import WarmupCosineLR
 
 METRICS = (
     "loss",
@@ -69,7 +69,7 @@ class DPOModule(ReferenceModule):
         lr_scheduler: Builds the scheduler; default linear warmup (10%) then cosine decay over the
             run. It steps after every optimizer step.
         max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
-            are skipped before the run stops (see :mod:`prefl.modules.guard`).
+            are skipped before the run stops (see :mod:`prefl.training.guard`).
     """
 
     def __init__(
@@ -153,7 +153,7 @@ class DPOModule(ReferenceModule):
         ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         loss_mask = torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-        # the LM head projects only the completion positions (see prefl.models.selected)
+        # the LM head projects only the completion positions (see prefl.functional.selected)
         logps, lengths = masked_sequence_logps(model, ids, attention, loss_mask)
         n = batch["chosen_input_ids"].shape[0]
         return {

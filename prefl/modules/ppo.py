@@ -2,7 +2,8 @@
 critic-free estimators RLOO, GRPO and REINFORCE++-baseline, under manual optimisation.
 
 One ``training_step`` is one rollout and its update, written out (design §5.10): sample ``k``
-responses per prompt (:mod:`prefl.rollout`), score them (:class:`~prefl.modules.scoring.Scorer`),
+responses per prompt (:mod:`prefl.generation.rollout`), score them
+(:class:`~prefl.generation.rewards.Scorer`),
 compute per-token KL and rewards, advantages (GAE with the critic, or a critic-free estimator over
 each prompt's group), then ``ppo_epochs`` passes of shuffled minibatches, each split into
 micro-batches whose gradients accumulate into one clipped optimizer step. Loss token means are
@@ -21,18 +22,17 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import PreTrainedTokenizerBase
 
-from prefl.callbacks.samples import resolve_reward_fn
 from prefl.functional import explained_variance
-from prefl.losses.advantages import ADVANTAGE_ESTIMATORS
+from prefl.functional.advantages import ADVANTAGE_ESTIMATORS
+from prefl.generation.rewards import Scorer, resolve_reward_fn
+from prefl.generation.rollout import Responses, response_logprobs
 from prefl.models import CausalLMSpec, disable_dropout
 from prefl.models.reward import RewardModel
 from prefl.models.value import build_value_model, critic_spec
-from prefl.modules.kl_control import KLController
-from prefl.modules.ppo_rollout import PPORolloutMixin
-from prefl.modules.ppo_update import PPOUpdateMixin
 from prefl.modules.reference import ReferenceModule
-from prefl.modules.scoring import Scorer
-from prefl.rollout import Responses, response_logprobs
+from prefl.training.kl_control import KLController
+from prefl.training.ppo_rollout import PPORolloutMixin
+from prefl.training.ppo_update import PPOUpdateMixin
 
 Estimator = Literal["gae", "rloo", "grpo", "reinforce_baseline"]
 
@@ -87,7 +87,7 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
             memory during the update; costs two host-device copies per rollout). Not with a
             sharded strategy (sharding already splits them).
         max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
-            are skipped before the run stops (see :mod:`prefl.modules.guard`).
+            are skipped before the run stops (see :mod:`prefl.training.guard`).
     """
 
     def __init__(

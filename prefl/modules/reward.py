@@ -29,7 +29,7 @@ from prefl.models import CausalLMSpec, disable_dropout
 from prefl.models.reward import RewardModel, build_reward_model
 from prefl.models.sharding import full_state_dict
 from prefl.modules.base import CausalLMModule
-from prefl.modules.schedules import WarmupCosineLR
+from prefl.training.schedules import WarmupCosineLR
 
 _STATS = ("loss", "accuracy", "margin", "reward", "reward_sq")
 
@@ -50,7 +50,7 @@ class RewardModule(CausalLMModule):
         optimizer: Builds the optimizer from the trainable parameters.
         lr_scheduler: Builds the scheduler; default linear warmup (10%) then cosine decay.
         max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
-            are skipped before the run stops (see :mod:`prefl.modules.guard`).
+            are skipped before the run stops (see :mod:`prefl.training.guard`).
     """
 
     def __init__(

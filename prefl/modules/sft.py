@@ -7,7 +7,7 @@ data-parallel ranks): ``train/loss``, ``train/token_accuracy``, and ``val/loss``
 ``val/token_accuracy``, ``val/perplexity`` (the exponential of the token-mean validation NLL).
 
 The loss is the token mean over every rank *and* every micro-batch of a gradient-accumulation
-window (:class:`~prefl.modules.accumulation.TokenMeanWindow`): an optimizer step with
+window (:class:`~prefl.training.accumulation.TokenMeanWindow`): an optimizer step with
 ``accumulate_grad_batches=k`` equals the step on the same rows as one batch.
 """
 
@@ -21,11 +21,11 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from prefl.functional import next_token_targets
+from prefl.functional.selected import scored_tokens
 from prefl.losses import sft_loss
 from prefl.models import CausalLMSpec
-from prefl.models.selected import scored_tokens
-from prefl.modules.accumulation import TokenMeanWindow
 from prefl.modules.base import CausalLMModule
+from prefl.training.accumulation import TokenMeanWindow
 
 
 class SFTModule(CausalLMModule):
@@ -37,7 +37,7 @@ class SFTModule(CausalLMModule):
         optimizer: Builds the optimizer from the trainable parameters.
         lr_scheduler: Optional scheduler, stepped after every optimizer step.
         max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
-            are skipped before the run stops (see :mod:`prefl.modules.guard`).
+            are skipped before the run stops (see :mod:`prefl.training.guard`).
     """
 
     def __init__(

@@ -28,7 +28,7 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from prefl.models import load_tokenizer
+from prefl.data import load_tokenizer
 
 CORPUS = [
     "\n\nHuman: How do I bake bread at home?\n\nAssistant: Mix flour, water, salt and yeast.",

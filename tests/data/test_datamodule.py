@@ -21,8 +21,8 @@ from transformers import PreTrainedTokenizerFast
 
 from prefl.data import PreferenceDataModule, RowError
 from prefl.data.formats import ASSISTANT_MARKER, split_implicit
-from prefl.data.toy import TOY_SIZES
-from prefl.models.tokenizers import PAD_TOKEN, build_toy_tokenizer, load_tokenizer
+from prefl.data.tokenizers import PAD_TOKEN, build_toy_tokenizer, load_tokenizer
+from prefl.tasks.toy import TOY_SIZES
 
 RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 

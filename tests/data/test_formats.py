@@ -21,7 +21,7 @@ from prefl.data.formats import (
     required_columns,
     split_implicit,
 )
-from prefl.models.tokenizers import build_toy_tokenizer
+from prefl.data.tokenizers import build_toy_tokenizer
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 WHERE = ("train", 3)

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from prefl.data.formats import Columns, RowError
 from prefl.data.specials import MARK, bos_prefix, defuse, encode_text, restore
 from prefl.data.tokenize import Limits, tokenize_batch
-from prefl.models.tokenizers import build_toy_tokenizer, load_tokenizer
+from prefl.data.tokenizers import build_toy_tokenizer, load_tokenizer
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 

@@ -20,7 +20,7 @@ from prefl.data import PreferenceDataModule
 from prefl.data.boundary import encode_rows, separator, shared_prefix_length
 from prefl.data.formats import Columns, split_implicit
 from prefl.data.tokenize import Limits, encode_prompts, tokenize_batch
-from prefl.models.tokenizers import build_toy_tokenizer
+from prefl.data.tokenizers import build_toy_tokenizer
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 HH_ROWS = [  # implicit HH-style transcripts written for these tests

@@ -22,7 +22,7 @@ from prefl.data.tokenize import (
     tokenize_row,
     truncate_prompt,
 )
-from prefl.models.tokenizers import build_toy_tokenizer
+from prefl.data.tokenizers import build_toy_tokenizer
 
 PAD, EOS, BOS = 0, 1, 2
 P1 = "happily , the movie was"  # 5 words -> 6 prompt ids with BOS

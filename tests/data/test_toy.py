@@ -1,4 +1,4 @@
-"""Tests for prefl.data.toy: determinism, the oracle reward, the exact generator log-probability,
+"""Tests for prefl.tasks.toy: determinism, the oracle reward, the exact generator log-probability,
 the prompt split, the toy vocabulary against the toy tokenizer, and the JSONL export.
 
 Hand-derived values (prompt "happily , the movie was", mood positive, category probabilities
@@ -20,8 +20,8 @@ import sys
 
 import pytest
 
-from prefl.data import toy
-from prefl.models.tokenizers import build_toy_tokenizer
+from prefl.data.tokenizers import build_toy_tokenizer
+from prefl.tasks import toy
 
 HAPPY = "happily , the movie was"
 SAD = "sadly , the film is"
@@ -246,7 +246,7 @@ def test_export_jsonl_reads_back_with_datasets(exported, tmp_path):
 def test_module_cli_writes_the_same_files_in_a_fresh_process(exported, tmp_path):
     out, paths = exported
     result = subprocess.run(
-        [sys.executable, "-m", "prefl.data.toy", str(tmp_path / "cli")],
+        [sys.executable, "-m", "prefl.tasks.toy", str(tmp_path / "cli")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -261,4 +261,4 @@ def test_module_cli_writes_the_same_files_in_a_fresh_process(exported, tmp_path)
 def test_module_cli_usage(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["toy"])
     with pytest.raises(SystemExit, match="usage"):
-        runpy.run_module("prefl.data.toy", run_name="__main__")
+        runpy.run_module("prefl.tasks.toy", run_name="__main__")

@@ -1,4 +1,5 @@
-"""Hand-derived checks of the critic-free advantage estimators in :mod:`prefl.losses.advantages`.
+"""Hand-derived checks of the critic-free advantage estimators in
+:mod:`prefl.functional.advantages`.
 
 Groups are consecutive blocks of ``k`` (``repeat_interleave`` order). Worked examples:
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefl.losses.advantages import ADVANTAGE_ESTIMATORS, grpo, reinforce_baseline, rloo
+from prefl.functional.advantages import ADVANTAGE_ESTIMATORS, grpo, reinforce_baseline, rloo
 
 F64 = torch.float64
 TOL = 1e-6

@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from prefl.data import load_tokenizer
 from prefl.models import (
     TOY_MODEL_CONFIG,
     CausalLMSpec,
@@ -21,7 +22,6 @@ from prefl.models import (
     build_causal_lm,
     disable_dropout,
     is_lora,
-    load_tokenizer,
     merge_lora,
 )
 from prefl.models import causal_lm as causal_lm_module

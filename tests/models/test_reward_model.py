@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from prefl.data import load_tokenizer
 from prefl.data.collate import pad
 from prefl.models import (
     CausalLMSpec,
@@ -25,7 +26,6 @@ from prefl.models import (
     build_causal_lm,
     build_reward_model,
     is_lora,
-    load_tokenizer,
 )
 from prefl.models.reward import STATS_FILE, backbone_and_head, reward_head
 from prefl.models.value import ValueModel

@@ -1,4 +1,4 @@
-"""prefl.models.selected: logits only at the scored positions, equal to slicing full logits."""
+"""prefl.functional.selected: logits only at the scored positions, equal to slicing full logits."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from prefl.data import build_toy_tokenizer
 from prefl.functional import next_token_targets, sequence_logps
-from prefl.models import CausalLMSpec, LoraSpec, build_causal_lm, build_toy_tokenizer
-from prefl.models.selected import masked_sequence_logps, output_head, selected_logits
+from prefl.functional.selected import masked_sequence_logps, output_head, selected_logits
+from prefl.models import CausalLMSpec, LoraSpec, build_causal_lm
 
 CONFIG = {
     "model_type": "llama",

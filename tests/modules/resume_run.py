@@ -20,7 +20,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from prefl import DPOModule, PPOModule, PreferenceDataModule, RewardModule, SFTModule
-from prefl.modules.schedules import WarmupCosineLR
+from prefl.training.schedules import WarmupCosineLR
 
 
 class KillAt(Callback):

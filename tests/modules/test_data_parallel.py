@@ -22,20 +22,18 @@ one-process ones, and after one equal SGD step so are the weights they are measu
 float summation order differs, hence small explicit tolerances. An even split (8 training rows,
 6 validation rows) must have no weight-0 row at all.
 
-PPO (RLOO, 2 samples per prompt, one minibatch, one PPO epoch, 2 rollouts of the same 5 prompts:
-one process with a batch of 5, two ranks with 3 each, one a weight-0 repeat). Rollouts are
-random and seeded per rank, so ``prefl.rollout.generate_sampled`` is replaced by a sampler that
-is a function of the prompt alone: each row is generated on its own, from its unpadded prompt
-tokens, under ``torch.manual_seed(f(prompt tokens, copy index))`` (a prompt's ``k`` rows are
-consecutive: copy index = row % k), then cut by an EOS at a position drawn from the same seed
-(mixed lengths exercise the masks) and right-padded to ``max_new_tokens``. Both runs then score
-the same responses. Advantages are whitened (the default) with statistics over every rank's
-rollout (``global_whiten``), as one batch would be. RLOO works within a prompt's group, the
-padding repeat's responses get mask 0 (no loss, no statistics),
-and the loss token means are global, so both policy gradients and the exact global means logged
-(``ppo/score``, ``ppo/kl``, ...) must agree. The second rollout follows one SGD step, so its KL
-to the reference is non-zero.
-"""
+PPO (RLOO, 2 samples per prompt, one minibatch, one PPO epoch, 2 rollouts of the same 5 prompts: one
+process with a batch of 5, two ranks with 3 each, one a weight-0 repeat). Rollouts are random and
+seeded per rank, so ``prefl.generation.rollout.generate_sampled`` is replaced by a sampler that is a
+function of the prompt alone: each row is generated on its own, from its unpadded prompt tokens,
+under ``torch.manual_seed(f(prompt tokens, copy index))`` (a prompt's ``k`` rows are consecutive:
+copy index = row % k), then cut by an EOS at a position drawn from the same seed (mixed lengths
+exercise the masks) and right-padded to ``max_new_tokens``. Both runs then score the same responses.
+Advantages are whitened (the default) with statistics over every rank's rollout (``global_whiten``),
+as one batch would be. RLOO works within a prompt's group, the padding repeat's responses get mask 0
+(no loss, no statistics), and the loss token means are global, so both policy gradients and the
+exact global means logged (``ppo/score``, ``ppo/kl``, ...) must agree. The second rollout follows
+one SGD step, so its KL to the reference is non-zero."""
 
 from __future__ import annotations
 
@@ -71,9 +69,9 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch import Callback, Trainer, seed_everything
     from lightning.pytorch.loggers import Logger
 
-    import prefl.rollout
+    import prefl.generation.rollout
     from prefl import DPOModule, PPOModule, PreferenceDataModule, RewardModule
-    from prefl.data import toy
+    from prefl.tasks import toy
 
     K = 2  # PPO samples per prompt
     NEW_TOKENS = 6
@@ -87,7 +85,7 @@ SCRIPT = textwrap.dedent(
     }
     #: batch size per rank: one process takes the whole training set in one batch
     BATCH = {1: {"pairs": 8, "prompts": 5}, 2: {"pairs": 4, "prompts": 3}}
-    ORIGINAL_GENERATE = prefl.rollout.generate_sampled
+    ORIGINAL_GENERATE = prefl.generation.rollout.generate_sampled
 
 
     def write_data(root):
@@ -248,7 +246,9 @@ SCRIPT = textwrap.dedent(
         )
         patch = nullcontext()
         if kind == "ppo":
-            patch = mock.patch.object(prefl.rollout, "generate_sampled", per_prompt_generate)
+            patch = mock.patch.object(
+                prefl.generation.rollout, "generate_sampled", per_prompt_generate
+            )
         with patch:
             trainer.fit(module, datamodule=data)
 

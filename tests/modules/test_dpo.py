@@ -8,7 +8,8 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from prefl import CausalLMSpec, DPOModule, PreferenceDataModule
-from prefl.models import LoraSpec, build_causal_lm, load_tokenizer
+from prefl.data import load_tokenizer
+from prefl.models import LoraSpec, build_causal_lm
 
 
 def data(n=32, batch_size=8, **kw):

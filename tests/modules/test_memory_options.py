@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch import Trainer
 
 from prefl import DPOModule, PPOModule, PreferenceDataModule, RewardModel
-from prefl.models import CausalLMSpec, build_reward_model, load_tokenizer
+from prefl.data import load_tokenizer
+from prefl.models import CausalLMSpec, build_reward_model
 
 
 def _trainer(tmp_path, **kw):

@@ -1,4 +1,4 @@
-"""The non-finite guard (``prefl/modules/guard.py``): NaNs are injected, weights never move.
+"""The non-finite guard (``prefl/training/guard.py``): NaNs are injected, weights never move.
 
 A forward hook on the policy's ``lm_head`` turns its logits into NaN during chosen batches (a NaN
 loss), or a gradient hook turns one parameter's gradient into NaN (a finite loss with a NaN
@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from prefl import DPOModule, PPOModule, PreferenceDataModule, RewardModule
-from prefl.modules.guard import NonFiniteError
+from prefl.training.guard import NonFiniteError
 
 
 class Inject(Callback):

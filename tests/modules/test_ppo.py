@@ -20,10 +20,11 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from prefl import CausalLMSpec, PPOModule, PreferenceDataModule
+from prefl.data import load_tokenizer
 from prefl.functional import masked_mean, masked_var
-from prefl.models import build_causal_lm, load_tokenizer
+from prefl.generation.rollout import response_logprobs
+from prefl.models import build_causal_lm
 from prefl.models.reward import RewardModel, build_reward_model
-from prefl.rollout import response_logprobs
 
 EOS = 1
 OTHER_SPECIALS = [0, 2, 3, 4, 5, 6]

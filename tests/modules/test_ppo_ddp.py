@@ -31,7 +31,8 @@ import pytest
 import torch
 
 from prefl import CausalLMSpec
-from prefl.models import build_causal_lm, load_tokenizer
+from prefl.data import load_tokenizer
+from prefl.models import build_causal_lm
 
 SCRIPT = textwrap.dedent(
     """

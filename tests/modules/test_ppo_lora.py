@@ -20,8 +20,9 @@ import torch
 from lightning.pytorch import Trainer
 
 from prefl import CausalLMSpec, PPOModule, PreferenceDataModule
-from prefl.losses.advantages import ADVANTAGE_ESTIMATORS
-from prefl.models import LoraSpec, is_lora, load_tokenizer
+from prefl.data import load_tokenizer
+from prefl.functional.advantages import ADVANTAGE_ESTIMATORS
+from prefl.models import LoraSpec, is_lora
 from prefl.models.reward import RewardModel, build_reward_model, reward_head
 from prefl.models.value import critic_spec
 from prefl.modules.ppo import Estimator

@@ -133,7 +133,7 @@ def test_every_checkpoint_loads_weights_only(runs, kind):
 def test_truncated_last_checkpoint_is_refused_and_the_previous_one_resumes(
     runs, runner, sft_dir, tmp_path
 ):
-    from prefl.modules.checkpoints import CorruptCheckpointError
+    from prefl.training.checkpoints import CorruptCheckpointError
 
     work = tmp_path / "dpo"
     shutil.copytree(runs["dpo"]["kill_dir"], work)
@@ -150,7 +150,7 @@ def test_truncated_last_checkpoint_is_refused_and_the_previous_one_resumes(
 
 
 def test_checkpoint_problem_cases(tmp_path):
-    from prefl.modules.checkpoints import check_checkpoint, checkpoint_problem
+    from prefl.training.checkpoints import check_checkpoint, checkpoint_problem
 
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {"w": torch.ones(3)}}, good)

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
 from prefl import CausalLMSpec, HFExport, PreferenceDataModule, RewardModule, RewardWriter
-from prefl.data import toy
-from prefl.models import LoraSpec, load_tokenizer
+from prefl.data import load_tokenizer
+from prefl.models import LoraSpec
 from prefl.models.reward import STATS_FILE, RewardModel, reward_head
+from prefl.tasks import toy
 
 METRICS = ("loss", "accuracy", "margin", "reward_mean", "reward_std")
 #: Rewards are float32 and the module's std is ``sqrt(E[r²] - E[r]²)`` from float32 running means,

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from prefl import CausalLMSpec, RewardModule
-from prefl.models import load_tokenizer
+from prefl.data import load_tokenizer
 
 SCRIPT = textwrap.dedent(
     """
@@ -89,7 +89,7 @@ def _run(script, out, data, devices):
 
 @pytest.mark.slow
 def test_reward_stats_are_exact_over_the_split_on_two_ranks(tmp_path):
-    from prefl.data import toy
+    from prefl.tasks import toy
 
     data = tmp_path / "pairs"
     data.mkdir()

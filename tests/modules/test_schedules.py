@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from prefl import CausalLMSpec, DPOModule, PreferenceDataModule
-from prefl.modules.schedules import WarmupCosineLR
+from prefl.training.schedules import WarmupCosineLR
 
 
 def make(total=10, warmup_ratio=0.2, min_lr_ratio=0.0):

@@ -9,9 +9,9 @@ from lightning.pytorch import Trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefl import CausalLMSpec, HFExport, PreferenceDataModule, SFTModule
+from prefl.data import load_tokenizer
 from prefl.losses import sft_loss
-from prefl.models import load_tokenizer
-from prefl.modules.accumulation import TokenMeanWindow
+from prefl.training.accumulation import TokenMeanWindow
 
 
 def test_sft_loss_hand_values():

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from prefl.functional import kl_penalty
+from prefl.generation.rollout import response_logprobs, response_values
 from prefl.losses.ppo import clipped_policy_loss, clipped_value_loss
-from prefl.rollout import response_logprobs, response_values
 
 
 class PPOUpdateMixin:

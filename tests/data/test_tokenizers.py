@@ -1,7 +1,7 @@
-"""Tests for prefl.models.tokenizers: the toy tokenizer's fixed ids, BOS handling, the PAD != EOS
+"""Tests for prefl.data.tokenizers: the toy tokenizer's fixed ids, BOS handling, the PAD != EOS
 guarantee of ``load_tokenizer``, and save/load round trips.
 
-Toy ids (special tokens first, then ``prefl.data.toy.vocabulary()`` in order):
+Toy ids (special tokens first, then ``prefl.tasks.toy.vocabulary()`` in order):
 ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3, ``<|system|>``=4, ``<|user|>``=5,
 ``<|assistant|>``=6, ``happily``=7, ``,``=28, ``the``=55, ``movie``=16, ``was``=24, ``great``=30,
 ``bad``=40, ``then``=69 (the last of 70).
@@ -17,8 +17,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from prefl.models import tokenizers as tokmod
-from prefl.models.tokenizers import PAD_TOKEN, build_toy_tokenizer, load_tokenizer
+from prefl.data import tokenizers as tokmod
+from prefl.data.tokenizers import PAD_TOKEN, build_toy_tokenizer, load_tokenizer
 
 WORD_IDS = {"happily": 7, ",": 28, "the": 55, "movie": 16, "was": 24, "great": 30, "bad": 40}
 PROMPT = "happily , the movie was"
@@ -65,7 +65,7 @@ def test_load_tokenizer_toy_keeps_its_pad(toy_tok):
 
 def test_toy_vocab_is_identical_in_a_fresh_process(toy_tok):
     code = (
-        "import json; from prefl.models.tokenizers import load_tokenizer; "
+        "import json; from prefl.data.tokenizers import load_tokenizer; "
         "print(json.dumps(load_tokenizer('toy').get_vocab(), sort_keys=True))"
     )
     result = subprocess.run(

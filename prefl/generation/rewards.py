@@ -1,4 +1,8 @@
-"""Scores of sampled responses for RL: reward model and/or reward functions, then shaping.
+"""Reward sources for sampled responses: reward functions by name, and the RL scorer.
+
+:data:`RewardFn` is the one signature of a Python reward function, ``fn(prompts, completions) ->
+list[float]``; :func:`resolve_reward_fn` finds one by name (``"toy"`` or
+``"package.module:function"``) for PPO, evaluation and the callbacks alike.
 
 :class:`Scorer` turns responses into one scalar score each (design §5.5–5.6): the frozen reward
 model (read at the last real token; normalised with the mean/std stored in its export) and Python
@@ -8,14 +12,28 @@ that never emitted EOS get a fixed penalty score, and scores are optionally clip
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 
 import torch
 
+from prefl.generation.rollout import Responses
 from prefl.models.reward import RewardModel
-from prefl.rollout import Responses
+from prefl.tasks import toy
 
+#: A reward function: prompts and completions (texts, same length) to one float each.
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+
+
+def resolve_reward_fn(name: str) -> RewardFn:
+    """``"toy"`` for the toy oracle, or ``"package.module:function"`` for your own function
+    ``fn(prompts, completions) -> list[float]``."""
+    if name == "toy":
+        return toy.oracle_rewards
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(f"reward function {name!r}: expected 'toy' or 'package.module:function'")
+    return getattr(importlib.import_module(module), attr)
 
 
 class Scorer(torch.nn.Module):

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from prefl.functional import gae, global_whiten
-from prefl.losses.advantages import ADVANTAGE_ESTIMATORS
-from prefl.rollout import (
+from prefl.functional.advantages import ADVANTAGE_ESTIMATORS
+from prefl.generation.rollout import (
     response_logprobs,
     response_values,
     sample_responses,

@@ -1,6 +1,7 @@
 """Sampling completions from a causal LM: left-padded prompts, KV cache, EOS truncation.
 
-:func:`sample_completions` (evaluation) and :func:`prefl.rollout.sample_responses` (the PPO
+:func:`sample_completions` (evaluation) and :func:`prefl.generation.rollout.sample_responses` (the
+PPO
 rollout) both sample through :func:`generate_sampled`, and so through one generation config,
 :func:`sampling_config`: pure ancestral sampling from ``softmax(logits / temperature)`` of the
 model, whatever the checkpoint's own ``generation_config`` (``generation_config.json``) says.
@@ -28,7 +29,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from prefl.data.collate import pad
 from prefl.data.tokenize import encode_prompts
-from prefl.models.selected import masked_sequence_logps
+from prefl.functional.selected import masked_sequence_logps
 from prefl.models.sharding import gathered_params
 
 
@@ -181,7 +182,7 @@ def generate_sampled(
 
     Every step samples from exactly ``softmax(logits / temperature)`` of ``model``
     (:func:`sampling_config`), whatever its checkpoint's ``generation_config`` holds: that is
-    the distribution PPO's log-probs (:func:`prefl.rollout.response_logprobs`) score. A
+    the distribution PPO's log-probs (:func:`prefl.generation.rollout.response_logprobs`) score. A
     collective for a sharded model (:func:`generate_with`)."""
     config = sampling_config(temperature, max_new_tokens, pad_token_id, eos_token_id)
     out = generate_with(model, input_ids, attention_mask, config)

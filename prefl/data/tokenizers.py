@@ -11,6 +11,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from prefl.tasks import toy
+
 TOY_SPECIAL_TOKENS: tuple[str, ...] = (
     "<pad>", "<eos>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>",
 )  # fmt: skip
@@ -28,15 +30,13 @@ PAD_TOKEN = "<|pad|>"
 def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     """Build the toy task's word-level tokenizer offline, with the ``tokenizers`` library.
 
-    The vocabulary is the special tokens followed by :func:`prefl.data.toy.vocabulary` in its
+    The vocabulary is the special tokens followed by :func:`prefl.tasks.toy.vocabulary` in its
     fixed order, so ids are identical in every process and on every machine. Text is split on
     whitespace; a BOS token is prepended when special tokens are added; PAD (id 0) and EOS (id 1)
     are distinct. It carries a small chat template for conversational rows. Text never becomes a
     special token: its normalizer writes ``<`` as ``‹`` (no word has either), so a special-token
     string that is text (``split_special_tokens=True``, as prefl tokenizes rows) is ``<unk>``.
     """
-    from prefl.data import toy  # here, not at the top: prefl.data imports this module
-
     words = [*TOY_SPECIAL_TOKENS, *toy.vocabulary()]
     vocab = {word: i for i, word in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

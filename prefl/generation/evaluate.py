@@ -20,14 +20,13 @@ Both models sample from exactly ``softmax(logits / temperature)``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from prefl.generation import Samples, sample_completions, score_samples
-
-RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+from prefl.generation.rewards import RewardFn
+from prefl.generation.sample import Samples, sample_completions, score_samples
 
 
 def distinct_n(completions: Sequence[str], n: int) -> float:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from prefl.functional import entropy_from_logits, token_logps
-from prefl.generation import completion_mask, generate_sampled
+from prefl.generation.sample import completion_mask, generate_sampled
 
 
 @dataclass

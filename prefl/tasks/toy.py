@@ -251,7 +251,7 @@ def corpus_reward(rows: Sequence[dict[str, str]]) -> float:
 
 def export_jsonl(out_dir: str | Path, seed: int = 0) -> list[Path]:
     """Write every toy split of every mode as JSONL (``<mode>_<split>.jsonl``) so users see the
-    formats; returns the written paths. ``python -m prefl.data.toy DIR`` does this.
+    formats; returns the written paths. ``python -m prefl.tasks.toy DIR`` does this.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,6 +268,6 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m prefl.data.toy OUT_DIR")
+        sys.exit("usage: python -m prefl.tasks.toy OUT_DIR")
     for written in export_jsonl(sys.argv[1]):
         print(written)

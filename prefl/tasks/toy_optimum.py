@@ -27,7 +27,7 @@ import math
 import random
 from collections.abc import Sequence
 
-from prefl.data import toy
+from prefl.tasks import toy
 
 
 def reward_distribution(mood: str) -> dict[float, float]:
