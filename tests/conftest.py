@@ -1,4 +1,5 @@
-"""Test-wide settings: one torch thread per process, no download-count pings.
+"""Test-wide settings (one torch thread per process, no download-count pings) and the fixtures
+tests share: the toy tokenizer and model, a toy SFT export, the real HH data, a float assertion.
 
 The toy models are far too small to gain from intra-op threads, and on a 2-core machine several
 processes (pytest, a CLI run, two DDP ranks) each spinning two threads slow each other down by an
@@ -17,6 +18,49 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # `datasets` pings the hub to count a download on every local load: 3-5 s each when offline
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module's tests, whatever an earlier module set (tiny matmuls
+    run several times faster on one thread than on two on a busy machine); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The toy word-level tokenizer, ``load_tokenizer("toy")``, one per test module."""
+    from prefl.data import load_tokenizer
+
+    return load_tokenizer("toy")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """The toy Llama, random init after ``torch.manual_seed(0)``, in eval mode, one per module
+    (tests that hook or switch it restore it)."""
+    from prefl.models import CausalLMSpec, build_causal_lm
+
+    torch.manual_seed(0)
+    return build_causal_lm(CausalLMSpec(config="toy"), tok).eval()
+
+
+@pytest.fixture(scope="session")
+def assert_close():
+    """``assert_close(actual, expected, tol=1e-6)``: ``expected`` (cast to ``actual``'s dtype) has
+    ``actual``'s shape and every element is within ``tol`` of it (absolute, ``rtol=0``)."""
+
+    def check(actual: torch.Tensor, expected, tol: float = 1e-6) -> None:
+        expected = torch.as_tensor(expected, dtype=actual.dtype)
+        assert actual.shape == expected.shape
+        assert torch.allclose(actual.detach(), expected, rtol=0.0, atol=tol), (
+            f"actual={actual.detach().tolist()} expected={expected.tolist()}"
+        )
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from prefl.data import load_tokenizer
 from prefl.generation.evaluate import distinct_n, evaluate, win_rate
 from prefl.models import CausalLMSpec, build_causal_lm
 from prefl.tasks import toy
@@ -24,13 +23,10 @@ def test_win_rate_counts_ties_as_half():
 
 
 @pytest.fixture(scope="module")
-def models():
-    tok = load_tokenizer("toy")
-    torch.manual_seed(0)
-    a = build_causal_lm(CausalLMSpec(config="toy"), tok).eval()
+def models(tok, model):
+    """The toy tokenizer, the shared toy model (seed 0) and another (seed 1), both in eval mode."""
     torch.manual_seed(1)
-    b = build_causal_lm(CausalLMSpec(config="toy"), tok).eval()
-    return tok, a, b
+    return tok, model, build_causal_lm(CausalLMSpec(config="toy"), tok).eval()
 
 
 def test_a_model_against_itself(models):

@@ -22,7 +22,6 @@ from prefl.functional import (
 )
 
 F64 = torch.float64
-TOL = 1e-6
 L2 = math.log(2.0)
 
 
@@ -30,18 +29,10 @@ def t(*rows, dtype=F64) -> torch.Tensor:
     return torch.tensor(rows, dtype=dtype)
 
 
-def assert_close(actual: torch.Tensor, expected, tol: float = TOL) -> None:
-    expected = torch.as_tensor(expected, dtype=actual.dtype)
-    assert actual.shape == expected.shape
-    assert torch.allclose(actual.detach(), expected, rtol=0.0, atol=tol), (
-        f"actual={actual.detach().tolist()} expected={expected.tolist()}"
-    )
-
-
 # ------------------------------------------------------------------------------------ whiten
 
 
-def test_whiten_hand_example():
+def test_whiten_hand_example(assert_close):
     """v = [1, 2, 3, 4]: mean 2.5, biased var (2.25 + 0.25 + 0.25 + 2.25) / 4 = 1.25,
     std = sqrt(1.25) = 1.1180340; whitened = [-1.5, -0.5, 0.5, 1.5] / 1.1180340
     = [-1.3416408, -0.4472136, 0.4472136, 1.3416408]."""
@@ -51,13 +42,13 @@ def test_whiten_hand_example():
     assert_close(out.pow(2).mean(), 1.0, tol=1e-6)  # biased variance 1 (up to eps)
 
 
-def test_whiten_keep_mean():
+def test_whiten_keep_mean(assert_close):
     """``shift_mean=False`` adds the mean 2.5 back: [1.1583592, 2.0527864, 2.9472136, 3.8416408]."""
     out = whiten(t([1.0, 2.0, 3.0, 4.0]), torch.ones(1, 4), shift_mean=False)
     assert_close(out, [[1.1583592, 2.0527864, 2.9472136, 3.8416408]])
 
 
-def test_whiten_respects_mask_over_all_dims():
+def test_whiten_respects_mask_over_all_dims(assert_close):
     """The same four valid values spread over two rows, with garbage (1e6, inf, NaN) in the
     padding: statistics over all valid entries at once, padding exactly 0."""
     values = t([1.0, 2.0, 1e6], [3.0, 4.0, float("nan")])
@@ -77,7 +68,7 @@ def test_whiten_all_masked_is_zero():
 # --------------------------------------------------------------------------------------- gae
 
 
-def test_gae_hand_gamma1_lam095():
+def test_gae_hand_gamma1_lam095(assert_close):
     """r = [0, 0, 1], V = [0.2, 0.4, 0.6], gamma = 1, lam = 0.95, gamma·lam = 0.95:
 
     t=2: delta = 1 + 0 - 0.6 = 0.4;            A2 = 0.4
@@ -90,7 +81,7 @@ def test_gae_hand_gamma1_lam095():
     assert_close(ret, [[0.951, 0.98, 1.0]])
 
 
-def test_gae_hand_gamma09_lam05():
+def test_gae_hand_gamma09_lam05(assert_close):
     """r = [1, 0, 2], V = [0.5, 1.0, 1.5], gamma = 0.9, lam = 0.5, gamma·lam = 0.45:
 
     t=2: delta = 2 + 0.9·0   - 1.5 = 0.5;      A2 = 0.5
@@ -103,7 +94,7 @@ def test_gae_hand_gamma09_lam05():
     assert_close(ret, [[2.15875, 1.575, 2.0]])
 
 
-def test_gae_limits_td_and_monte_carlo():
+def test_gae_limits_td_and_monte_carlo(assert_close):
     """lam = 0 gives the TD errors; gamma = lam = 1 gives reward-to-go minus V.
 
     r = [1, 0, 2], V = [0.5, 1.0, 1.5]: TD (gamma = 0.9) = [1.4, 0.35, 0.5];
@@ -117,7 +108,7 @@ def test_gae_limits_td_and_monte_carlo():
     assert_close(ret, [[3.0, 2.0, 2.0]])
 
 
-def test_gae_padding_garbage_and_empty_row():
+def test_gae_padding_garbage_and_empty_row(assert_close):
     """Row 0: the hand example of length 3 padded to 5 with garbage (1e6, inf, NaN); row 1: a
     full row of length 5; row 2: all masked, all garbage. Results are unchanged by the padding,
     padding and the empty row are exactly 0, and returns = advantages + values on valid tokens.
@@ -151,7 +142,7 @@ def test_gae_shape_errors_and_dtype():
 # -------------------------------------------------------------------------------- kl_penalty
 
 
-def test_kl_estimators_hand_values():
+def test_kl_estimators_hand_values(assert_close):
     """d = logp - ref = ±ln 2:
     k1 = ±0.6931472; k2 = 0.5·ln²2 = 0.2402265;
     k3(d = +ln 2) = e^{-ln 2} + ln 2 - 1 = 0.5 + 0.6931472 - 1 = 0.1931472;
@@ -173,7 +164,7 @@ def test_k3_nonnegative_and_zero_when_equal():
         assert torch.equal(kl_penalty(logp, logp, kind), torch.zeros_like(logp))
 
 
-def test_k1_and_k3_are_unbiased_under_exact_expectation():
+def test_k1_and_k3_are_unbiased_under_exact_expectation(assert_close):
     """p = [1/2, 1/4, 1/4], q = [1/4, 1/4, 1/2]: KL(p‖q) = 1/2·ln 2 + 0 + 1/4·ln(1/2)
     = 1/4·ln 2 = 0.1732868; E_p[k1] and E_p[k3] equal it exactly, E_p[k2] does not."""
     p, q = t(0.5, 0.25, 0.25), t(0.25, 0.25, 0.5)
@@ -197,7 +188,7 @@ def naive_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def test_entropy_uniform_onehot_and_hand_value():
+def test_entropy_uniform_onehot_and_hand_value(assert_close):
     """Uniform logits over V = 7: ln 7 = 1.9459101. Logits [0, ln 3]: p = [1/4, 3/4],
     H = 1/4·ln 4 + 3/4·ln(4/3) = 0.3465736 + 0.2157616 = 0.5623351. One logit 100 above the
     others: H ≈ 6·101·e^{-100} ≈ 0."""
@@ -245,7 +236,7 @@ def test_entropy_bf16_and_errors():
 # ------------------------------------------------------------------------- explained_variance
 
 
-def test_explained_variance_hand_case():
+def test_explained_variance_hand_case(assert_close):
     """R = [1, 2, 3, 4], V = [1, 2, 3, 5]: Var[R] = 1.25; R - V = [0, 0, 0, -1] has mean -0.25
     and biased variance (3·0.0625 + 0.5625) / 4 = 0.1875; EV = 1 - 0.1875 / 1.25 = 0.85.
     The same numbers in two rows with garbage padding."""
@@ -258,7 +249,7 @@ def test_explained_variance_hand_case():
     assert_close(explained_variance(values, returns, mask), 0.85)
 
 
-def test_explained_variance_perfect_constant_and_degenerate():
+def test_explained_variance_perfect_constant_and_degenerate(assert_close):
     """Perfect prediction → 1; predicting the mean 2.5 → 0; constant returns or no valid
     token → 0 (documented choice, never NaN)."""
     r = t([1.0, 2.0, 3.0, 4.0])

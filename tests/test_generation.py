@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefl.data import load_tokenizer
 from prefl.generation.sample import Samples, completion_mask, sample_completions
 from prefl.models import CausalLMSpec, build_causal_lm
 
@@ -27,14 +26,10 @@ OTHER_SPECIALS = [0, 2, 3, 4, 5, 6]
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("toy")
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return build_causal_lm(CausalLMSpec(config="toy"), tok)
+def model(model):
+    """The shared toy model (tests/conftest.py) in training mode, as built: sampling must switch
+    to eval and back."""
+    return model.train()
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from prefl.data import load_tokenizer
 from prefl.data.collate import pad
 from prefl.generation.rollout import Responses, response_logprobs, sample_responses
 from prefl.generation.sample import (
@@ -62,14 +61,9 @@ HOSTILE_DECODING = {"num_beams": 2, "num_return_sequences": 2}
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("toy")
-
-
-@pytest.fixture(scope="module")
-def clean(tok):
-    torch.manual_seed(0)
-    return build_causal_lm(CausalLMSpec(config="toy"), tok).eval()
+def clean(model):
+    """The shared toy model (tests/conftest.py), its generation config as built (not hostile)."""
+    return model
 
 
 def hostile_copy(model: torch.nn.Module, decoding: bool = True) -> torch.nn.Module:

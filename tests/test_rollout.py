@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefl.data import load_tokenizer
 from prefl.generation.rewards import Scorer
 from prefl.generation.rollout import (
     Responses,
@@ -22,11 +21,12 @@ from prefl.generation.rollout import (
     sample_responses,
     token_rewards,
 )
-from prefl.models import CausalLMSpec, build_causal_lm
+from prefl.models import CausalLMSpec
 from prefl.models.reward import RewardModel, build_reward_model
 from prefl.models.value import build_value_model
 from prefl.training.kl_control import KLController
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 PAD, EOS = 0, 1
 SPECIALS = [0, 1, 2, 3, 4, 5, 6]  # <pad> <eos> <bos> <unk> and the three role markers
 PROMPTS = ["happily , the plot was", "alas , the film is great good bad"]  # 6 and 9 tokens
@@ -36,26 +36,6 @@ ROWS = [
     (1, "bad dull boring superb", False),
     (0, "fun", True),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is several times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("toy")
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return build_causal_lm(CausalLMSpec(config="toy"), tok).eval()
 
 
 @pytest.fixture(scope="module")

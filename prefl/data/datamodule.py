@@ -29,6 +29,7 @@ from prefl.data.accounting import keep_and_count
 from prefl.data.boundary import count_merged
 from prefl.data.collate import PreferenceCollator
 from prefl.data.formats import Columns
+from prefl.data.hh import hh_to_conversational
 from prefl.data.sampling import (
     MarkedDataset,
     ResumableTrainData,
@@ -48,7 +49,7 @@ from prefl.data.validate import (
 from prefl.tasks import toy
 
 Mode = Literal["pairs", "prompts", "sft"]
-RowFormat = Literal["auto", "explicit", "implicit", "conversational"]
+RowFormat = Literal["auto", "explicit", "implicit", "conversational", "hh_chat"]
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -67,8 +68,10 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             distinct from EOS is added if missing.
         mode: ``pairs`` (chosen/rejected batches), ``prompts`` (left-padded prompts) or ``sft``
             (prompt + completion, loss on the completion only).
-        row_format: ``auto`` (detected from the first row), ``explicit``, ``implicit`` or
-            ``conversational``; see :mod:`prefl.data.formats`.
+        row_format: ``auto`` (detected from the first row), ``explicit``, ``implicit``,
+            ``conversational`` (see :mod:`prefl.data.formats`) or ``hh_chat`` (Anthropic HH
+            transcripts read as chat messages, rendered with the tokenizer's chat template;
+            rows that do not parse are dropped and counted, see :mod:`prefl.data.hh`).
         name: The hub dataset's configuration (its "subset" on the hub), if it has several.
         data_dir: Folder inside the hub dataset to load (e.g. ``harmless-base`` for HH-RLHF).
         prompt_column: Column holding the prompt.
@@ -95,7 +98,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         group_by_length: Training batches of similar lengths, for less padding: each epoch's
             seeded shuffle is cut into windows of 50 batches (per rank) sorted longest first
             (:func:`prefl.data.sampling.group_by_length`); off = the plain shuffle.
-        error_on_drop: Raise instead of dropping rows (identical pairs, rows that cannot fit).
+        error_on_drop: Raise instead of dropping rows (identical pairs, rows that cannot fit,
+            HH transcripts that do not parse).
         trust_remote_code: Allow a hub tokenizer's own code to run (off by default).
         cache_dir: Where ``datasets`` caches downloads and tokenized splits.
     """
@@ -227,9 +231,16 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         return repr(source) if isinstance(source, str) else f"<in-memory {type(source).__name__}>"
 
     def _tokenize(self, split: str, ds: datasets.Dataset) -> datasets.Dataset:
+        h = self.hparams
         fmt = check_columns(
             split, ds, self.mode, self.row_format, self.columns, self._source_name()
         )
+        unparsed = None
+        if fmt == "hh_chat":  # HH transcripts to message lists; unparsed ones dropped, counted
+            ds, unparsed = hh_to_conversational(
+                split, ds, self.mode, self.columns, h.error_on_drop, h.num_proc
+            )
+            fmt = "conversational"
         kwargs = {
             "split": split,
             "mode": self.mode,
@@ -245,10 +256,10 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             with_indices=True,
             fn_kwargs=kwargs,
             remove_columns=ds.column_names,
-            num_proc=self.hparams.num_proc,
+            num_proc=h.num_proc,
             desc=f"prefl: tokenizing {split}",
         )
-        kept = keep_and_count(split, ds, mapped, self.stats, self.hparams.error_on_drop)
+        kept = keep_and_count(split, ds, mapped, self.stats, h.error_on_drop, unparsed)
         return count_merged(split, kept, self.stats)
 
     def _loader(self, split: str, train: bool) -> DataLoader:

@@ -14,6 +14,10 @@ Three formats are accepted (design §3), detected from the columns or named by t
   private markers, :func:`prefl.data.specials.defuse`) so that tokenization keeps them as text
   while the template's own special tokens stay special; ``specials.restore`` undoes it.
 
+A fourth, ``hh_chat``, is only ever named (never detected): HH transcripts that the data module
+turns into ``conversational`` rows before they reach :func:`extract_texts`
+(:mod:`prefl.data.hh`).
+
 Every problem raises :class:`RowError`, whose message names the split, row index and column.
 """
 
@@ -74,8 +78,10 @@ class RowTexts:
 def required_columns(mode: str, row_format: str, columns: Columns, names: list[str]) -> list[str]:
     """Return the columns that ``mode`` and ``row_format`` need, given the dataset's ``names``."""
     c = columns
-    if row_format == "implicit":
+    if row_format == "implicit" or (row_format == "hh_chat" and mode == "pairs"):
         return [c.chosen, c.rejected]
+    if row_format == "hh_chat":  # sft and prompts read the chosen transcript alone
+        return [c.chosen]
     if mode == "pairs":
         pair = [c.chosen, c.rejected]
         return [c.prompt, *pair] if row_format == "explicit" or c.prompt in names else pair
@@ -118,7 +124,9 @@ def _kind(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def _text(row: Mapping[str, Any], column: str, where: tuple[str, int]) -> str:
+def text_field(row: Mapping[str, Any], column: str, where: tuple[str, int]) -> str:
+    """``row[column]``, which must be a non-empty string; else a :class:`RowError` at
+    ``where`` (``(split, row index)``)."""
     value = row.get(column)
     if not isinstance(value, str):
         raise RowError(*where, column, f"expected a non-empty string, got {_kind(value)}")
@@ -276,14 +284,14 @@ def extract_texts(
         if mode == "sft" and c.rejected not in row:
             problem = "implicit SFT rows need a rejected text to find the prompt"
             raise RowError(*where, c.rejected, problem)
-        chosen, rejected = _text(row, c.chosen, where), _text(row, c.rejected, where)
+        chosen, rejected = text_field(row, c.chosen, where), text_field(row, c.rejected, where)
         parts = split_implicit(chosen, rejected)
         if parts is None:
             raise RowError(*where, c.chosen, "chosen and rejected share no prompt (common prefix)")
         return RowTexts(*parts)
-    prompt = _text(row, c.prompt, where)
+    prompt = text_field(row, c.prompt, where)
     if mode == "prompts":
         return RowTexts(prompt=prompt)
     if mode == "sft":
-        return RowTexts(prompt=prompt, chosen=_text(row, sft_column(row, c), where))
-    return RowTexts(prompt, _text(row, c.chosen, where), _text(row, c.rejected, where))
+        return RowTexts(prompt=prompt, chosen=text_field(row, sft_column(row, c), where))
+    return RowTexts(prompt, text_field(row, c.chosen, where), text_field(row, c.rejected, where))

@@ -8,6 +8,8 @@ one that aliases EOS, a common trick that silently stops models from learning to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -24,7 +26,6 @@ TOY_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
 )
-PAD_TOKEN = "<|pad|>"
 
 
 def build_toy_tokenizer() -> PreTrainedTokenizerFast:
@@ -58,21 +59,40 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def gguf_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(folder or hub id, GGUF file name or None)`` as ``from_pretrained`` takes them.
+
+    Args:
+        name_or_path: A hub id, a local directory, or the path of a ``.gguf`` file itself.
+        gguf_file: A GGUF file inside ``name_or_path``; None = none, unless ``name_or_path`` is
+            itself a ``.gguf`` path (then it is split into its folder and file name).
+    """
+    if gguf_file is None and name_or_path.endswith(".gguf"):
+        path = Path(name_or_path)
+        return str(path.parent), path.name
+    return name_or_path, gguf_file
+
+
 def load_tokenizer(
     tokenizer: str | PreTrainedTokenizerBase,
     trust_remote_code: bool = False,
 ) -> PreTrainedTokenizerBase:
-    """Return a tokenizer whose PAD token exists and differs from EOS.
+    """Return the tokenizer with a PAD token, its vocabulary unchanged.
+
+    prefl tells padding from real tokens by the attention and loss masks, never by id, so PAD may
+    equal EOS (as in most instruct checkpoints): a tokenizer without PAD gets its EOS as PAD (no
+    token is added, so the model's vocabulary and embeddings stay as they are, as in TRL and
+    OpenRLHF). The toy tokenizer has a PAD of its own.
 
     Args:
         tokenizer: ``"toy"`` for :func:`build_toy_tokenizer`, a Hugging Face hub id or local
-            directory (loaded with ``AutoTokenizer.from_pretrained``), or a tokenizer instance
-            (used as is, apart from the pad-token fix).
+            directory (``AutoTokenizer.from_pretrained``), the path of a ``.gguf`` file (its
+            tokenizer; needs the ``gguf`` extra), or a tokenizer instance (used as is, apart from
+            setting PAD).
         trust_remote_code: Passed to ``from_pretrained``; off unless you trust the source.
 
     Returns:
-        The tokenizer. If it had no pad token, or its pad token was its EOS token, a new
-        ``<|pad|>`` special token was added (``len(tokenizer)`` grows by one).
+        The tokenizer, ``pad_token`` set.
 
     Raises:
         ValueError: The tokenizer has no EOS token (completions could not be terminated).
@@ -81,11 +101,14 @@ def load_tokenizer(
         if tokenizer == "toy":
             tok = build_toy_tokenizer()
         else:
-            tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+            source, gguf_file = gguf_source(tokenizer)
+            tok = AutoTokenizer.from_pretrained(
+                source, gguf_file=gguf_file, trust_remote_code=trust_remote_code
+            )
     else:
         tok = tokenizer
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {tok.name_or_path!r} has no EOS token; set one first")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     return tok

@@ -1,6 +1,15 @@
 """Pure loss functions (torch only), one function per variant behind a name table."""
 
-from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss, dpo_loss_terms, implicit_rewards
+from prefl.losses.dpo import (
+    DPO_LOSSES,
+    REFERENCE_FREE,
+    DPOLoss,
+    DPOSettings,
+    DPOSettingsError,
+    dpo_loss,
+    dpo_loss_terms,
+    implicit_rewards,
+)
 from prefl.losses.ppo import clipped_policy_loss, clipped_value_loss
 from prefl.losses.reward import bradley_terry_loss, reward_accuracy
 from prefl.losses.sft import sft_loss
@@ -8,6 +17,9 @@ from prefl.losses.sft import sft_loss
 __all__ = [
     "DPO_LOSSES",
     "REFERENCE_FREE",
+    "DPOLoss",
+    "DPOSettings",
+    "DPOSettingsError",
     "bradley_terry_loss",
     "clipped_policy_loss",
     "clipped_value_loss",

@@ -19,15 +19,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from prefl.losses.dpo import DPOSettings
 
-@dataclass
+
+@dataclass(frozen=True)
 class PairLogps:
-    """The inputs of one loss evaluation (see the module docstring for the notation)."""
+    """The inputs of one loss evaluation (see the module docstring for the notation), with the
+    :class:`~prefl.losses.dpo.DPOSettings` that holds ``β``, ``ε``, ``γ`` and ``τ``."""
 
     pc: Tensor
     pr: Tensor
@@ -35,10 +40,27 @@ class PairLogps:
     rr: Tensor | None
     nc: Tensor | None
     nr: Tensor | None
-    beta: float
-    eps: float
-    gamma: float
-    tau: float
+    settings: DPOSettings
+
+    @property
+    def beta(self) -> float:
+        """β (``settings.beta``)."""
+        return self.settings.beta
+
+    @property
+    def eps(self) -> float:
+        """ε (``settings.label_smoothing``)."""
+        return self.settings.label_smoothing
+
+    @property
+    def gamma(self) -> float:
+        """SimPO's γ (``settings.simpo_gamma``)."""
+        return self.settings.simpo_gamma
+
+    @property
+    def tau(self) -> float:
+        """DiscoPOP's τ (``settings.discopop_tau``)."""
+        return self.settings.discopop_tau
 
     @property
     def cl(self) -> Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from prefl.data.tokenizers import gguf_source
 from prefl.models.lora import LoraSpec, apply_lora
 from prefl.models.sharding import building_empty
 
@@ -41,8 +42,8 @@ class CausalLMSpec:
 
     Args:
         name_or_path: Hugging Face hub id or local directory (e.g. the SFT export of an earlier
-            stage), loaded with ``AutoModelForCausalLM.from_pretrained``. Leave empty to build a
-            randomly initialised model from ``config``.
+            stage), loaded with ``AutoModelForCausalLM.from_pretrained``, or the path of a
+            ``.gguf`` file. Leave empty to build a randomly initialised model from ``config``.
         config: Keyword arguments of ``AutoConfig.for_model`` (must hold ``model_type``) for a
             random-init model; ``"toy"`` selects :data:`TOY_MODEL_CONFIG`. The vocabulary size
             and special-token ids are taken from the tokenizer.
@@ -53,6 +54,9 @@ class CausalLMSpec:
             on only for sources you trust.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         lora: Wrap the model with LoRA adapters (needs the ``peft`` extra); None = full fine-tune.
+        gguf_file: A GGUF file inside ``name_or_path`` (as ``from_pretrained(..., gguf_file=)``;
+            needs the ``gguf`` extra). Its weights are dequantized to float, and the model is an
+            ordinary one from then on: it trains, and exports as a safetensors directory.
     """
 
     name_or_path: str | None = None
@@ -62,6 +66,7 @@ class CausalLMSpec:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = field(default=None)
+    gguf_file: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # read back from a checkpoint's plain hyperparameters
@@ -91,7 +96,8 @@ def build_causal_lm(
 
     Args:
         spec: A :class:`CausalLMSpec`, or a string taken as ``CausalLMSpec(name_or_path=...)``.
-        tokenizer: The tokenizer of the run (PAD distinct from EOS, see ``load_tokenizer``).
+        tokenizer: The tokenizer of the run (with a PAD, which may be its EOS; see
+            :func:`prefl.data.load_tokenizer`).
 
     Returns:
         The model in train mode (LoRA-wrapped if ``spec.lora`` is set).
@@ -121,16 +127,20 @@ def build_hf_model(
     common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.attn_implementation is not None:
         common["attn_implementation"] = spec.attn_implementation
+    if spec.name_or_path is not None:
+        source, gguf_file = gguf_source(spec.name_or_path, spec.gguf_file)
+        if gguf_file is not None:
+            common["gguf_file"] = gguf_file
     if spec.name_or_path is not None and building_empty():
         # ranks other than 0 under sharding: the architecture only, weights come by broadcast
-        config = AutoConfig.from_pretrained(spec.name_or_path, **config_kwargs, **common)
+        config = AutoConfig.from_pretrained(source, **config_kwargs, **common)
         explicit = {"dtype": dtype} if isinstance(dtype, torch.dtype) else {}  # else config's
+        common.pop("gguf_file", None)
         model = auto_class.from_config(config, **explicit, **common)
     elif spec.name_or_path is not None:
-        model = auto_class.from_pretrained(
-            spec.name_or_path, dtype=dtype, **config_kwargs, **common
-        )
+        model = auto_class.from_pretrained(source, dtype=dtype, **config_kwargs, **common)
         model.train()  # from_pretrained returns eval mode; Lightning does not switch it back
+        dequantized(model)
     else:
         kwargs = {**_config_kwargs(spec.config), **config_kwargs}
         model_type = kwargs.pop("model_type")
@@ -142,6 +152,21 @@ def build_hf_model(
         model.config.use_cache = False
     if spec.lora is not None:
         model = apply_lora(model, spec.lora, task_type=lora_task)
+    return model
+
+
+def dequantized(model: PreTrainedModel) -> PreTrainedModel:
+    """Drop the quantizer flag that ``from_pretrained(..., gguf_file=)`` leaves on a model whose
+    weights it has already dequantized to float, so that it saves (and exports) as an ordinary
+    safetensors checkpoint; other models are returned untouched."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
+        return model
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
     return model
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,19 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 
 from prefl.data.boundary import encode_rows
 from prefl.data.collate import pad
-from prefl.data.tokenizers import load_tokenizer
+from prefl.data.tokenizers import gguf_source, load_tokenizer
 from prefl.models.causal_lm import CausalLMSpec, build_hf_model
 from prefl.models.lora import is_lora, merge_lora
 
 STATS_FILE = "reward_stats.json"
 
 
-def _is_reward_checkpoint(name_or_path: str, trust_remote_code: bool) -> bool:
+def _is_reward_checkpoint(spec: CausalLMSpec) -> bool:
     """Whether the checkpoint already is a one-label sequence classifier (a trained head)."""
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    source, gguf_file = gguf_source(spec.name_or_path, spec.gguf_file)
+    config = AutoConfig.from_pretrained(
+        source, gguf_file=gguf_file, trust_remote_code=spec.trust_remote_code
+    )
     archs = config.architectures or []
     return any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == 1
 
@@ -89,9 +93,7 @@ def build_reward_model(
     ``N(0, 1/sqrt(d+1))`` with ``d`` the hidden size; a reward checkpoint keeps its head.
     """
     spec = CausalLMSpec(name_or_path=spec) if isinstance(spec, str) else spec
-    trained = spec.name_or_path is not None and _is_reward_checkpoint(
-        spec.name_or_path, spec.trust_remote_code
-    )
+    trained = spec.name_or_path is not None and _is_reward_checkpoint(spec)
     model = build_hf_model(
         spec, tokenizer, AutoModelForSequenceClassification, lora_task="SEQ_CLS", num_labels=1
     )
@@ -104,12 +106,43 @@ def build_reward_model(
     return model
 
 
+@contextmanager
+def mask_pooled(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> Iterator[torch.Tensor]:
+    """``input_ids`` ``(B, T)`` such that the classifier's own pooling reads each row's last real
+    token by ``attention_mask`` (1 = real).
+
+    Hugging Face classifiers read the rightmost token whose id is not ``config.pad_token_id``.
+    Where PAD is EOS (most instruct checkpoints; prefl keeps their vocabulary) that would skip a
+    completion's final EOS and read the token before it. So when a real token carries the PAD id,
+    the padding positions get an id that no real token of the batch has, and the config names
+    that id PAD for the duration of the call (restored after). The model's own ``forward`` still
+    runs (sharding hooks included); the padding positions are masked, so their id is never seen.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    config = config or model.config
+    pad = config.pad_token_id
+    real = input_ids[attention_mask.bool()]
+    if pad is not None and not bool((real == pad).any()):
+        yield input_ids
+        return
+    present = torch.zeros(model.get_input_embeddings().num_embeddings, dtype=torch.bool)
+    present[real.cpu()] = True
+    sentinel = int((~present).nonzero()[0])
+    config.pad_token_id = sentinel
+    try:
+        yield input_ids.masked_fill(attention_mask == 0, sentinel)
+    finally:
+        config.pad_token_id = pad
+
+
 class RewardModel(torch.nn.Module):
     """A sequence classifier with one label, used as ``r(prompt, completion)``.
 
     Args:
         model: The one-label ``AutoModelForSequenceClassification`` (possibly LoRA-wrapped).
-        tokenizer: Its tokenizer (PAD distinct from EOS).
+        tokenizer: Its tokenizer (its PAD may be its EOS: the read-out follows the mask).
         stats: ``{"mean", "std"}`` of rewards on validation pairs, if known.
     """
 
@@ -128,15 +161,18 @@ class RewardModel(torch.nn.Module):
         return self.model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards ``(B,)`` of ``input_ids`` ``(B, T)``, padded left or right (mask 1 = real)."""
+        """Rewards ``(B,)`` of ``input_ids`` ``(B, T)``, padded left or right (mask 1 = real),
+        read at each row's last real token by the mask, also where PAD is EOS
+        (:func:`mask_pooled`)."""
         kwargs = {}
         if not bool(attention_mask[:, 0].all()):  # left padding: positions follow the mask
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         # right padding (or none): the model's default positions 0..T-1 are the same for every
         # real token, and one (1, T) rotary table is cheaper than a (B, T) one
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
-        )
+        with mask_pooled(self.model, input_ids, attention_mask) as ids:
+            out = self.model(
+                input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs
+            )
         return out.logits[:, 0].float()
 
     @torch.no_grad()

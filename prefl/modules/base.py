@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +94,18 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if strategy is not None and not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
+        # Lightning's model summary has no size table for mixed precision and says so on every
+        # run; prefl's configs use bf16-mixed knowingly, and the summary is otherwise right
+        warnings.filterwarnings(
+            "ignore", message=r"Precision .*-mixed is not supported by the model summary"
+        )
 
     def configure_model(self) -> None:
         """Build the models once (:meth:`build_models`); under Lightning's
         ``ModelParallelStrategy`` shard every one of them with FSDP2, rank 0 reading the weights
         and broadcasting them (see :mod:`prefl.models.sharding`)."""
         if self.model is not None:
+            self._quiet_frozen_eval_warning()
             return
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None:
@@ -112,6 +119,23 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
             for model in self.shardable_models():
                 broadcast_sharded(model, mesh, device, rank0)
         self._check_lengths()
+        self._quiet_frozen_eval_warning()
+
+    def _quiet_frozen_eval_warning(self) -> None:
+        """Lightning warns about every module in eval mode when training starts. prefl keeps its
+        frozen models (reference, reward model: no trainable parameter) in eval mode on purpose,
+        so the warning is silenced for exactly that many modules; any other module in eval mode
+        changes the count, and the warning shows again."""
+        frozen = [
+            m
+            for m in self.modules()
+            if not m.training and not any(p.requires_grad for p in m.parameters())
+        ]
+        evaluating = [m for m in self.modules() if not m.training]
+        if frozen and len(frozen) == len(evaluating):
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {len(frozen)} module\(s\) in eval mode at the start"
+            )
 
     def build_models(self) -> None:
         """Build ``self.model`` (subclasses add the reference, reward and value models)."""

@@ -7,8 +7,10 @@ changes, it is saved). With LoRA the reference is the same network with its adap
 so no second copy exists. ``precompute_ref_logps=True`` runs the reference once over the train
 and validation splits before training, stores the log-probs as dataset columns, then frees it.
 
+The loss settings are one :class:`~prefl.losses.DPOSettings`, built and checked in ``__init__``.
 Chosen and rejected go through the model in one forward, stacked on the batch dimension. Metrics
-(torchmetrics, correct across batches and ranks), for ``train/`` and ``val/``:
+(:class:`~prefl.training.metrics.StageMetrics`, correct across batches and ranks), for ``train/``
+(step and epoch) and ``val/``:
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (strict
 ``>``), ``logps/chosen``, ``logps/rejected``, ``loss`` and, for mixtures or an NLL term,
 ``loss/<type>``.
@@ -17,20 +19,19 @@ Chosen and rejected go through the model in one forward, stacked on the batch di
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
-from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from prefl.functional import global_weighted_mean
 from prefl.functional.selected import masked_sequence_logps
-from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss_terms, implicit_rewards
+from prefl.losses.dpo import DPOSettings, DPOSettingsError, dpo_loss, dpo_loss_terms
 from prefl.models import CausalLMSpec, disable_dropout, is_lora
 from prefl.modules.reference import ReferenceModule
+from prefl.training.metrics import StageMetrics
 from prefl.training.schedules import WarmupCosineLR
 
 METRICS = (
@@ -47,19 +48,23 @@ METRICS = (
 class DPOModule(ReferenceModule):
     """Direct preference optimisation of a causal LM on ``pairs`` batches.
 
+    The loss arguments (``beta`` to ``discopop_tau``) make ``self.settings``, one
+    :class:`~prefl.losses.DPOSettings` checked here: a bad value raises a ``ValueError`` that
+    names its config key (``model.loss_type``...).
+
     Args:
         model: The policy: a :class:`~prefl.models.CausalLMSpec` or a hub id / local path (e.g.
             the SFT export). The reference is a frozen copy of it.
         tokenizer: The tokenizer; None = the data module's (the CLI links them).
-        beta: Strength of the KL regularisation (DPO's β; τ for IPO).
+        beta: Strength of the KL regularisation (DPO's β; τ for IPO); > 0.
         loss_type: A loss name (see ``prefl.losses.DPO_LOSSES``) or a list of them (a mixture).
         loss_weights: Weights of a mixture's losses, one per type; None = all 1.
-        label_smoothing: Assumed label-noise rate ε (cDPO for ``sigmoid``; ``robust``,
-            ``exo_pair``, ``simpo``).
+        label_smoothing: Assumed label-noise rate ε in ``[0, 0.5)`` (cDPO for ``sigmoid``;
+            ``robust``, ``exo_pair``, ``simpo``, ``cpo``).
         nll_weight: Weight of an NLL term on the chosen completions (RPO's ``rpo_alpha``, CPO's
-            ``cpo_alpha``); 0 = none.
+            ``cpo_alpha``), >= 0; 0 = none.
         simpo_gamma: SimPO's target reward margin γ.
-        discopop_tau: DiscoPOP's temperature τ.
+        discopop_tau: DiscoPOP's temperature τ; > 0.
         precompute_ref_logps: Score the train and validation pairs with the reference once before
             training and free it (lower memory; needs no reference during training).
         ref_sync_every: TR-DPO: every this many optimizer steps, move the reference towards the
@@ -91,46 +96,32 @@ class DPOModule(ReferenceModule):
         max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__(model, tokenizer, optimizer, lr_scheduler, max_nonfinite_steps)
-        self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-        unknown = [t for t in self.loss_types if t not in DPO_LOSSES]
-        if unknown or not self.loss_types:
-            raise ValueError(f"model.loss_type: unknown {unknown}; expected {sorted(DPO_LOSSES)}")
-        if loss_weights is not None and len(loss_weights) != len(self.loss_types):
-            raise ValueError(
-                f"model.loss_weights has {len(loss_weights)} values for "
-                f"{len(self.loss_types)} loss types"
+        try:
+            self.settings = DPOSettings(
+                beta=beta,
+                loss_type=loss_type,
+                loss_weights=loss_weights,
+                label_smoothing=label_smoothing,
+                nll_weight=nll_weight,
+                simpo_gamma=simpo_gamma,
+                discopop_tau=discopop_tau,
             )
+        except DPOSettingsError as err:
+            raise ValueError(f"model.{err.key}: {err}") from None
         if ref_sync_every is not None and precompute_ref_logps:
             raise ValueError(
                 "model.ref_sync_every (TR-DPO) needs a live reference: it cannot be "
                 "combined with precompute_ref_logps"
             )
-        self.loss_kwargs: dict[str, Any] = {
-            "beta": beta,
-            "loss_type": self.loss_types,
-            "loss_weights": loss_weights,
-            "label_smoothing": label_smoothing,
-            "nll_weight": nll_weight,
-            "simpo_gamma": simpo_gamma,
-            "discopop_tau": discopop_tau,
-        }
-        self.needs_reference = not set(self.loss_types) <= REFERENCE_FREE
         self.precompute_ref_logps = precompute_ref_logps
         self.ref_sync_every, self.ref_mixup_alpha = ref_sync_every, ref_mixup_alpha
         self.reference: torch.nn.Module | None = None
-        names = [*METRICS, *(f"loss/{t}" for t in self._term_names())]
-        self.metrics = torch.nn.ModuleDict(
-            {
-                f"{stage}_{n.replace('/', '_')}": MeanMetric()
-                for stage in ("train", "val")
-                for n in names
-            }
-        )
+        self.metrics = StageMetrics([*METRICS, *(f"loss/{t}" for t in self.settings.term_names)])
 
-    def _term_names(self) -> list[str]:
-        if len(self.loss_types) == 1 and not self.loss_kwargs["nll_weight"]:
-            return []
-        return [*self.loss_types, *(["nll"] if self.loss_kwargs["nll_weight"] else [])]
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss uses a reference (not every loss type is reference-free)."""
+        return self.settings.needs_reference
 
     def build_models(self) -> None:
         """Build the policy (dropout off) and, unless LoRA provides it, the frozen reference."""
@@ -183,45 +174,36 @@ class DPOModule(ReferenceModule):
         ref_chosen, ref_rejected = (None, None)
         if self.needs_reference:
             ref_chosen, ref_rejected = self.reference_logps(batch)
-        kwargs = dict(
-            self.loss_kwargs,
-            chosen_lengths=policy["chosen_lengths"],
-            rejected_lengths=policy["rejected_lengths"],
-        )
-        terms = dpo_loss_terms(
-            policy["chosen_logps"], policy["rejected_logps"], ref_chosen, ref_rejected, **kwargs
-        )
-        weights = batch.get("sample_weight")  # data-parallel padding repeats weigh 0
-        total = terms.pop("total")
-        loss = global_weighted_mean(total, weights)
-        chosen_r, rejected_r = implicit_rewards(
-            policy["chosen_logps"],
-            policy["rejected_logps"],
-            ref_chosen,
-            ref_rejected,
-            self.loss_kwargs["beta"],
-        )
-        values = {
-            "loss": total.detach(),
-            "rewards/chosen": chosen_r,
-            "rewards/rejected": rejected_r,
-            "rewards/margins": chosen_r - rejected_r,
-            "rewards/accuracies": (chosen_r > rejected_r).float(),
-            "logps/chosen": policy["chosen_logps"].detach(),
-            "logps/rejected": policy["rejected_logps"].detach(),
-            **{f"loss/{k}": v.detach() for k, v in terms.items() if self._term_names()},
+        logps = (policy["chosen_logps"], policy["rejected_logps"], ref_chosen, ref_rejected)
+        kwargs = {
+            "chosen_lengths": policy["chosen_lengths"],
+            "rejected_lengths": policy["rejected_lengths"],
+            "settings": self.settings,
         }
-        for name, value in values.items():
-            metric = self.metrics[f"{stage}_{name.replace('/', '_')}"]
-            metric(value, 1.0 if weights is None else weights)
-            self.log(
-                f"{stage}/{name}",
-                metric,
-                on_step=stage == "train",
-                on_epoch=True,
-                prog_bar=name in ("loss", "rewards/accuracies"),
-                batch_size=batch["chosen_input_ids"].shape[0],
-            )
+        out = dpo_loss(*logps, **kwargs)
+        weights = batch.get("sample_weight")  # data-parallel padding repeats weigh 0
+        loss = global_weighted_mean(out.losses, weights)
+        values = {
+            "loss": out.losses,
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "logps/chosen": policy["chosen_logps"],
+            "logps/rejected": policy["rejected_logps"],
+        }
+        if self.settings.term_names:  # the breakdown of a mixture or an NLL term, for the logs
+            with torch.no_grad():
+                terms = dpo_loss_terms(*logps, **kwargs)
+            values.update({f"loss/{name}": terms[name] for name in self.settings.term_names})
+        self.metrics.update(stage, values, weights)
+        self.metrics.log(
+            self,
+            stage,
+            on_step=stage == "train",
+            prog_bar=("loss", "rewards/accuracies"),
+            batch_size=batch["chosen_input_ids"].shape[0],
+        )
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -3,11 +3,12 @@
 The backbone (typically the SFT export) gets a scalar head; chosen and rejected go through it in
 one forward, and the loss asks ``r(prompt, chosen) > r(prompt, rejected)``
 (:func:`prefl.losses.bradley_terry_loss`, with the data's optional ``margin`` column and
-``center_rewards_coefficient``). Metrics (torchmetrics, correct across batches and ranks), as
-``train/…`` and ``val/…``: ``loss``, ``accuracy`` (strict ``>``), ``margin`` (mean ``r_c - r_r``),
-``reward_mean`` and ``reward_std`` (over chosen and rejected). When training ends, the reward mean
-and std on the validation pairs are computed and exported with the model (``reward_stats.json``)
-so that PPO can normalise rewards. ``predict`` returns per-row rewards (see
+``center_rewards_coefficient``). Metrics (:class:`~prefl.training.metrics.StageMetrics`,
+correct across batches and ranks), logged at each epoch's end as ``train/…`` and ``val/…``:
+``loss``, ``accuracy`` (strict ``>``), ``margin`` (mean ``r_c - r_r``), ``reward_mean`` and
+``reward_std`` (over chosen and rejected). When training ends, the reward mean and std on the
+validation pairs are computed and exported with the model (``reward_stats.json``) so that PPO can
+normalise rewards. ``predict`` returns per-row rewards (see
 :class:`prefl.callbacks.RewardWriter`).
 """
 
@@ -20,7 +21,6 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from prefl.functional import global_weighted_mean
@@ -29,6 +29,7 @@ from prefl.models import CausalLMSpec, disable_dropout
 from prefl.models.reward import RewardModel, build_reward_model
 from prefl.models.sharding import full_state_dict
 from prefl.modules.base import CausalLMModule
+from prefl.training.metrics import StageMetrics
 from prefl.training.schedules import WarmupCosineLR
 
 _STATS = ("loss", "accuracy", "margin", "reward", "reward_sq")
@@ -67,9 +68,7 @@ class RewardModule(CausalLMModule):
         self.center_rewards_coefficient = center_rewards_coefficient
         self.disable_dropout = disable_dropout
         self.reward_stats: dict[str, float] | None = None
-        self.metrics = torch.nn.ModuleDict(
-            {f"{stage}_{name}": MeanMetric() for stage in ("train", "val") for name in _STATS}
-        )
+        self.metrics = StageMetrics(_STATS)
 
     def build_models(self) -> None:
         """Build the reward model (backbone + scalar head), dropout off unless kept."""
@@ -101,28 +100,14 @@ class RewardModule(CausalLMModule):
             "reward": both,
             "reward_sq": both**2,
         }
-        pair_w = torch.ones_like(chosen) if weights is None else weights.to(chosen)
-        for name, value in values.items():
-            w = pair_w.repeat(value.numel() // pair_w.numel())  # rewards: chosen then rejected
-            self.metrics[f"{stage}_{name}"].update(value.flatten(), w)
+        self.metrics.update(stage, values, weights)  # rewards: each pair's weight twice
         return loss
 
     def _log_epoch(self, stage: str) -> dict[str, float]:
-        m = {name: self.metrics[f"{stage}_{name}"].compute() for name in _STATS}
-        std = torch.sqrt((m["reward_sq"] - m["reward"] ** 2).clamp(min=0))
-        out = {
-            "loss": m["loss"],
-            "accuracy": m["accuracy"],
-            "margin": m["margin"],
-            "reward_mean": m["reward"],
-            "reward_std": std,
-        }
-        # compute() already reduced over ranks: every rank logs the same values
-        self.log_dict(
-            {f"{stage}/{k}": v for k, v in out.items()}, prog_bar=stage == "val", sync_dist=True
+        # the means are already reduced over ranks: every rank logs the same values
+        out = self.metrics.log_epoch(
+            self, stage, _epoch_summary, prog_bar=stage == "val", sync_dist=True
         )
-        for name in _STATS:
-            self.metrics[f"{stage}_{name}"].reset()
         return {k: float(v) for k, v in out.items()}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -213,3 +198,16 @@ class RewardModule(CausalLMModule):
             return Path(dirpath)
         inner = {k.removeprefix("model."): v for k, v in state.items()}
         return self.model.save_pretrained(dirpath, inner)
+
+
+def _epoch_summary(means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The logged epoch values from the means of ``_STATS``: the reward's mean and (biased) std
+    over chosen and rejected from its first two moments."""
+    std = torch.sqrt((means["reward_sq"] - means["reward"] ** 2).clamp(min=0))
+    return {
+        "loss": means["loss"],
+        "accuracy": means["accuracy"],
+        "margin": means["margin"],
+        "reward_mean": means["reward"],
+        "reward_std": std,
+    }

@@ -2,7 +2,8 @@
 
 SFT teaches the *shape* of an answer and yields the model every later stage starts from (and the
 frozen reference of DPO and PPO). It reads the data module's ``sft`` batches (``input_ids``,
-``attention_mask``, ``loss_mask``) and logs, through torchmetrics (correct across batches and
+``attention_mask``, ``loss_mask``) and logs, through
+:class:`~prefl.training.metrics.StageMetrics` (token-weighted, correct across batches and
 data-parallel ranks): ``train/loss``, ``train/token_accuracy``, and ``val/loss``,
 ``val/token_accuracy``, ``val/perplexity`` (the exponential of the token-mean validation NLL).
 
@@ -17,7 +18,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from prefl.functional import next_token_targets
@@ -26,6 +26,7 @@ from prefl.losses import sft_loss
 from prefl.models import CausalLMSpec
 from prefl.modules.base import CausalLMModule
 from prefl.training.accumulation import TokenMeanWindow
+from prefl.training.metrics import StageMetrics
 
 
 class SFTModule(CausalLMModule):
@@ -50,13 +51,7 @@ class SFTModule(CausalLMModule):
     ) -> None:
         super().__init__(model, tokenizer, optimizer, lr_scheduler, max_nonfinite_steps)
         self.window = TokenMeanWindow()
-        self.metrics = torch.nn.ModuleDict(
-            {
-                f"{stage}_{name}": MeanMetric()
-                for stage in ("train", "val")
-                for name in ("nll", "accuracy")
-            }
-        )
+        self.metrics = StageMetrics(["loss", "token_accuracy"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, T, V)`` for right-padded ``input_ids`` ``(B, T)`` (mask 1 = real)."""
@@ -74,8 +69,8 @@ class SFTModule(CausalLMModule):
         ids, attention = batch["input_ids"], batch["attention_mask"]
         loss, n_tokens, correct = sft_loss(*scored_tokens(self.model, ids, attention, labels, mask))
         weight = n_tokens.float()
-        self.metrics[f"{stage}_nll"](loss.detach(), weight)
-        self.metrics[f"{stage}_accuracy"](correct.float() / weight.clamp(min=1), weight)
+        accuracy = correct.float() / weight.clamp(min=1)
+        self.metrics.update(stage, {"loss": loss, "token_accuracy": accuracy}, weight)
         return loss * weight, n_tokens
 
     def on_train_start(self) -> None:
@@ -95,14 +90,7 @@ class SFTModule(CausalLMModule):
         nll_sum, n_tokens = self._step(batch, "train")
         # this rank's share of the window's token mean over every rank (see TokenMeanWindow)
         loss = self.window.loss(nll_sum, n_tokens)
-        for name, key in (("loss", "train_nll"), ("token_accuracy", "train_accuracy")):
-            self.log(
-                f"train/{name}",
-                self.metrics[key],
-                on_step=True,
-                on_epoch=True,
-                prog_bar=name == "loss",
-            )
+        self.metrics.log(self, "train", on_step=True, prog_bar=["loss"])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -117,14 +105,9 @@ class SFTModule(CausalLMModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/loss``, ``val/token_accuracy`` and ``val/perplexity`` for the epoch."""
-        nll = self.metrics["val_nll"].compute()
-        self.log_dict(
-            {
-                "val/loss": nll,
-                "val/perplexity": torch.exp(nll),
-                "val/token_accuracy": self.metrics["val_accuracy"].compute(),
-            },
-            prog_bar=True,
-        )
-        self.metrics["val_nll"].reset()
-        self.metrics["val_accuracy"].reset()
+        self.metrics.log_epoch(self, "val", _with_perplexity, prog_bar=True)
+
+
+def _with_perplexity(means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The validation means plus ``perplexity``, the exponential of the token-mean NLL."""
+    return {**means, "perplexity": torch.exp(means["loss"])}

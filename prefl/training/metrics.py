@@ -3,8 +3,11 @@ data-parallel ranks.
 
 :class:`StageMetrics` keeps one ``torchmetrics.MeanMetric`` per stage (``train`` / ``val``) and
 name, updated with per-row (or per-token) weights, so the data-parallel sampler's padding repeats
-(weight 0) never count and a rank with more tokens weighs more. Logged through Lightning, the
-metric objects are reduced over ranks when the epoch value is computed. :func:`global_means` is
+(weight 0) never count and a rank with more tokens weighs more. Two ways to log them: the metric
+objects themselves through ``LightningModule.log`` (:meth:`StageMetrics.log`: a step value per
+batch, and the epoch value reduced over ranks by torchmetrics), or the epoch's means, computed
+once and turned into the logged values by the module (:meth:`StageMetrics.log_epoch`: SFT's
+perplexity, the reward model's std). :func:`global_means` is
 the one-shot form PPO needs at every step: the exact means over every rank's values, with a single
 ``all_reduce`` of the weighted sums.
 """
@@ -46,13 +49,18 @@ class StageMetrics(torch.nn.Module):
         weights: torch.Tensor | float | None = None,
     ) -> None:
         """Add one batch: each value ``(N,)`` (or a scalar) with ``weights`` ``(N,)`` (or one
-        weight for all; None = 1). Values are detached."""
+        weight for all; None = 1). A value ``k`` times as long as ``weights`` (chosen then
+        rejected) takes each weight ``k`` times. Values are detached.
+
+        Each metric is called (its ``forward``): the running state grows exactly as with
+        ``update``, and the batch's own mean is kept for :meth:`log`'s step values.
+        """
         for name, value in values.items():
             value = value.detach()
             weight = 1.0 if weights is None else weights
             if torch.is_tensor(weight) and weight.numel() != value.numel():
                 weight = weight.repeat(value.numel() // weight.numel())  # e.g. chosen + rejected
-            self.means[_key(stage, name)].update(value.flatten().float(), weight)
+            self.means[_key(stage, name)](value.flatten().float(), weight)
 
     def log(
         self,
@@ -82,6 +90,37 @@ class StageMetrics(torch.nn.Module):
         if reset:
             for name in self.names:
                 self.means[_key(stage, name)].reset()
+        return out
+
+    def log_epoch(
+        self,
+        module: LightningModule,
+        stage: str,
+        derive: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        *,
+        prog_bar: bool = False,
+        sync_dist: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Compute (and reset) the epoch's means of ``stage`` and log them as ``<stage>/<name>``
+        through ``module.log_dict`` (once, at the epoch's end).
+
+        Args:
+            module: The module that logs.
+            stage: The stage (``"train"``, ``"val"``).
+            derive: Turns the means (by name) into the values to log; None = log the means.
+            prog_bar: Show them in the progress bar.
+            sync_dist: Passed to ``log_dict`` (the means are already reduced over ranks).
+
+        Returns:
+            The logged values by name (without the stage prefix).
+        """
+        means = self.compute(stage)
+        out = means if derive is None else derive(means)
+        module.log_dict(
+            {f"{stage}/{name}": value for name, value in out.items()},
+            prog_bar=prog_bar,
+            sync_dist=sync_dist,
+        )
         return out
 
 

@@ -10,6 +10,9 @@
 
 Both are trained on :data:`CORPUS` (sentences written for these tests) unless given texts, and
 go through :func:`prefl.models.load_tokenizer` (which adds ``<|pad|>`` where PAD is missing).
+
+Also the row-level helpers the data tests share: :func:`tokenize_rows` (``tokenize_batch`` on a
+list of rows) and :func:`encode_alone` (the old completion-on-its-own rule).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from tokenizers import (
 from transformers import PreTrainedTokenizerFast
 
 from prefl.data import load_tokenizer
+from prefl.data.formats import Columns
+from prefl.data.tokenize import Limits, tokenize_batch
 
 CORPUS = [
     "\n\nHuman: How do I bake bread at home?\n\nAssistant: Mix flour, water, salt and yeast.",
@@ -161,3 +166,22 @@ def encode_alone(tokenizer, texts, chat):
         texts = [strip_after_eos(t, eos) for t in texts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     return [end_with_eos(row, eos_id) for row in ids]
+
+
+def tokenize_rows(
+    tok, mode: str, rows: list[dict], fmt: str, max_length: int = 512, max_prompt_length=None
+) -> dict[str, list]:
+    """``tokenize_batch`` on ``rows`` (dicts with the same keys) as the first rows of the train
+    split, default columns; the margin is used where the rows have one."""
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    return tokenize_batch(
+        batch,
+        list(range(len(rows))),
+        split="train",
+        mode=mode,
+        row_format=fmt,
+        columns=Columns(),
+        tokenizer=tok,
+        limits=Limits(max_length, max_prompt_length),
+        use_margin="margin" in rows[0],
+    )

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from prefl.data import PreferenceDataModule, RowError
 from prefl.data.formats import ASSISTANT_MARKER, split_implicit
-from prefl.data.tokenizers import PAD_TOKEN, build_toy_tokenizer, load_tokenizer
+from prefl.data.tokenizers import build_toy_tokenizer, load_tokenizer
 from prefl.tasks.toy import TOY_SIZES
 
 RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
@@ -68,6 +68,19 @@ def numbered_pairs(n: int) -> list[dict]:
         {"prompt": "overall , the plot was" + " very" * i, "chosen": "good", "rejected": "bad"}
         for i in range(n)
     ]
+
+
+def fitted(rows: list[dict], **kwargs) -> PreferenceDataModule:
+    """A PreferenceDataModule on the in-memory ``rows``, set up for fit."""
+    dm = PreferenceDataModule(datasets.Dataset.from_list(rows), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def fails_setup(dm: PreferenceDataModule, text: str, error: type = ValueError) -> None:
+    """``dm.setup("fit")`` raises ``error`` with ``text`` (literally) in its message."""
+    with pytest.raises(error, match=re.escape(text)):
+        dm.setup("fit")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -177,10 +190,7 @@ DROPPED = {"identical": 1, "identical_after_truncation": 1, "prompt_too_long": 1
 
 
 def test_drops_are_counted_and_logged(summary_log):
-    dm = PreferenceDataModule(
-        datasets.Dataset.from_list(DROP_ROWS), max_length=7, max_prompt_length=None
-    )
-    dm.setup("fit")
+    dm = fitted(DROP_ROWS, max_length=7, max_prompt_length=None)
     assert set(dm.datasets) == {"train"}
     s = dm.stats["train"]
     assert s == {"read": 5, "used": 2, "truncated": 1, "dropped": DROPPED}
@@ -207,28 +217,24 @@ def test_error_on_drop_names_reasons_and_rows():
         "split 'train': 3 row(s) would be dropped (identical=1, identical_after_truncation=1, "
         "prompt_too_long=1); first rows [1, 2, 3] (error_on_drop=True)"
     )
-    with pytest.raises(ValueError, match=re.escape(msg)):
-        dm.setup("fit")
+    fails_setup(dm, msg)
 
 
 def test_error_on_drop_without_drops_is_quiet():
-    dm = PreferenceDataModule(datasets.Dataset.from_list(PAIRS), error_on_drop=True)
-    dm.setup("fit")
+    dm = fitted(PAIRS, error_on_drop=True)
     assert dm.stats["train"] == {"read": 3, "used": 3, "truncated": 0, "dropped": {}}
 
 
 def test_everything_dropped_is_an_error():
     rows = [{"prompt": "sadly , the film", "chosen": "dull", "rejected": "dull"}] * 2
-    with pytest.raises(
-        ValueError, match=re.escape("split 'train' is empty after filtering (identical=2)")
-    ):
-        PreferenceDataModule(datasets.Dataset.from_list(rows)).setup("fit")
+    dm = PreferenceDataModule(datasets.Dataset.from_list(rows))
+    fails_setup(dm, "split 'train' is empty after filtering (identical=2)")
 
 
 def test_row_error_surfaces_from_setup():
     rows = [*PAIRS, {"prompt": "sadly , the film", "chosen": None, "rejected": "dull"}]
-    with pytest.raises(RowError, match=re.escape("split 'train', row 3, column 'chosen'")):
-        PreferenceDataModule(datasets.Dataset.from_list(rows)).setup("fit")
+    dm = PreferenceDataModule(datasets.Dataset.from_list(rows))
+    fails_setup(dm, "split 'train', row 3, column 'chosen'", RowError)
 
 
 def test_margin_column_reaches_the_batch():
@@ -252,45 +258,27 @@ def test_missing_column_lists_expected_and_found():
         "split 'train' lacks column(s) ['chosen', 'rejected']: mode 'pairs' with format "
         "'explicit' expects ['prompt', 'chosen', 'rejected'], found ['prompt', 'completion']"
     )
-    with pytest.raises(ValueError, match=re.escape(msg)):
-        dm.setup("fit")
+    fails_setup(dm, msg)
 
 
 def test_missing_column_with_named_format():
     ds = datasets.Dataset.from_list([{"prompt": "sadly , the film", "answer": "dull"}])
     dm = PreferenceDataModule(ds, mode="sft", row_format="explicit")
-    with pytest.raises(
-        ValueError, match=re.escape("expects ['prompt', 'chosen'], found ['prompt', 'answer']")
-    ):
-        dm.setup("fit")
+    fails_setup(dm, "expects ['prompt', 'chosen'], found ['prompt', 'answer']")
 
 
 def test_undetectable_format():
     ds = datasets.Dataset.from_list([{"text": "sadly , the film"}])
-    with pytest.raises(ValueError, match=re.escape("cannot detect the row format")):
-        PreferenceDataModule(ds).setup("fit")
+    fails_setup(PreferenceDataModule(ds), "cannot detect the row format")
 
 
 def test_remapped_column_names():
-    ref = PreferenceDataModule(datasets.Dataset.from_list(PAIRS))
-    ref.setup("fit")
+    ref = fitted(PAIRS)
     renamed = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in PAIRS]
-    dm = PreferenceDataModule(
-        datasets.Dataset.from_list(renamed),
-        prompt_column="question",
-        chosen_column="good",
-        rejected_column="bad",
-    )
-    dm.setup("fit")
+    dm = fitted(renamed, prompt_column="question", chosen_column="good", rejected_column="bad")
     assert dm.datasets["train"].to_list() == ref.datasets["train"].to_list()
     sft_rows = [{"question": r["prompt"], "answer": r["chosen"]} for r in PAIRS]
-    sft = PreferenceDataModule(
-        datasets.Dataset.from_list(sft_rows),
-        mode="sft",
-        prompt_column="question",
-        completion_column="answer",
-    )
-    sft.setup("fit")
+    sft = fitted(sft_rows, mode="sft", prompt_column="question", completion_column="answer")
     assert list(sft.datasets["train"]["completion_ids"]) == list(
         ref.datasets["train"]["chosen_ids"]
     )
@@ -301,10 +289,8 @@ def test_implicit_and_conversational_rows_through_the_module():
         {"chosen": r["prompt"] + " " + r["chosen"], "rejected": r["prompt"] + " " + r["rejected"]}
         for r in PAIRS
     ]
-    dm = PreferenceDataModule(datasets.Dataset.from_list(implicit))
-    dm.setup("fit")
-    ref = PreferenceDataModule(datasets.Dataset.from_list(PAIRS))
-    ref.setup("fit")
+    dm = fitted(implicit)
+    ref = fitted(PAIRS)
     # Whitespace fallback: prompt "happily , the movie was", replies " great fun" / " bad".
     assert dm.datasets["train"].to_list() == ref.datasets["train"].to_list()
 
@@ -316,8 +302,7 @@ def test_implicit_and_conversational_rows_through_the_module():
         }
         for r in PAIRS
     ]
-    dm = PreferenceDataModule(datasets.Dataset.from_list(conv))
-    dm.setup("fit")
+    dm = fitted(conv)
     user, asst = build_toy_tokenizer().convert_tokens_to_ids(["<|user|>", "<|assistant|>"])
     first = dm.datasets["train"][0]
     assert first["prompt_ids"] == [2, user, *ids(PAIRS[0]["prompt"]), 1, asst]
@@ -447,8 +432,7 @@ def test_val_fraction_carve_is_seeded():
 
 
 def test_val_fraction_through_setup():
-    dm = PreferenceDataModule(datasets.Dataset.from_list(numbered_pairs(20)), val_fraction=0.25)
-    dm.setup("fit")
+    dm = fitted(numbered_pairs(20), val_fraction=0.25)
     assert dm.stats["train"]["read"] + dm.stats["validation"]["read"] == 20
     assert dm.stats["validation"]["used"] == 5
 
@@ -539,18 +523,22 @@ def test_tokenizer_instance_used_as_is():
     assert "tokenizer" not in dm.hparams
 
 
-def test_pad_equal_to_eos_gets_a_distinct_pad(summary_log):
+def test_pad_equal_to_eos_keeps_the_vocabulary(summary_log):
+    """PAD == EOS (as in most instruct checkpoints) is kept: no token is added; batches pad with
+    the EOS id, and the masks alone tell padding from each row's one real EOS."""
     tok = build_toy_tokenizer()
+    size = len(tok)
     tok.pad_token = tok.eos_token
     assert tok.pad_token_id == tok.eos_token_id == 1
     dm = PreferenceDataModule(datasets.Dataset.from_list(PAIRS), tokenizer=tok, batch_size=3)
-    assert dm.tokenizer.pad_token == PAD_TOKEN == "<|pad|>"
-    assert dm.tokenizer.pad_token_id == 70 and len(dm.tokenizer) == 71
+    assert dm.tokenizer.pad_token_id == 1 and len(dm.tokenizer) == size
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    ids_ = batch["chosen_input_ids"]
-    assert (ids_[batch["chosen_attention_mask"] == 0] == 70).all()
-    assert ((ids_ == 1).sum(dim=1) == 1).all()  # one EOS per row, padding is not EOS
+    ids_, mask = batch["chosen_input_ids"], batch["chosen_attention_mask"]
+    assert (ids_[mask == 0] == 1).all()
+    assert (((ids_ == 1) & (mask == 1)).sum(dim=1) == 1).all()  # one real EOS per row
+    last = mask.sum(dim=1) - 1  # right padding: each row's last real token is its EOS
+    assert (ids_[torch.arange(len(ids_)), last] == 1).all()
 
 
 def _word_level(
@@ -571,13 +559,12 @@ def _word_level(
     )
 
 
-def test_tokenizer_without_pad_gets_one():
+def test_tokenizer_without_pad_pads_with_its_eos():
     tok = _word_level(["a", "b"], pad=False)
     assert tok.pad_token_id is None
     n = len(tok)
     out = load_tokenizer(tok)
-    assert out is tok and out.pad_token == "<|pad|>" and out.pad_token_id == n and len(out) == n + 1
-    assert out.pad_token_id != out.eos_token_id
+    assert out is tok and out.pad_token == out.eos_token and len(out) == n  # nothing added
     # A tokenizer that already has a distinct pad token is left alone.
     tok = _word_level(["a", "b"])
     assert load_tokenizer(tok).pad_token == "<pad>" and len(tok) == n + 1

@@ -12,16 +12,16 @@ from __future__ import annotations
 import re
 
 import pytest
-from offline_tokenizers import byte_level_bpe, sentencepiece_bpe, sentencepiece_core
+from offline_tokenizers import byte_level_bpe, sentencepiece_bpe, sentencepiece_core, tokenize_rows
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from prefl.data.formats import Columns, RowError
+from prefl.data.formats import RowError
 from prefl.data.specials import MARK, bos_prefix, defuse, encode_text, restore
-from prefl.data.tokenize import Limits, tokenize_batch
 from prefl.data.tokenizers import build_toy_tokenizer, load_tokenizer
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
+MAX_LENGTH = 4096  # far above every row here: nothing is cut
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +34,6 @@ def injected(tok) -> list[str]:
     extra = {"<|im_start|>", "<|user|>", "<|assistant|>"} & set(tok.all_special_tokens)
     names = (tok.eos_token, tok.bos_token, tok.pad_token, *sorted(extra))
     return [s for s in names if s]
-
-
-def run(tok, mode: str, rows: list[dict], fmt: str) -> dict:
-    batch = {k: [r[k] for r in rows] for k in rows[0]}
-    return tokenize_batch(
-        batch,
-        list(range(len(rows))),
-        split="train",
-        mode=mode,
-        row_format=fmt,
-        columns=Columns(),
-        tokenizer=tok,
-        limits=Limits(4096),
-        use_margin=False,
-    )
 
 
 def texts(s: str) -> tuple[str, str, str]:
@@ -109,7 +94,7 @@ def test_plain_rows_keep_special_text_as_text(toks, which, mode, fmt):
         rows = plain_rows(fmt, mode, s)
         if mode == "sft" and fmt == "explicit":
             rows = [{"prompt": rows[0]["prompt"], "completion": rows[0]["chosen"]}]
-        out = run(tok, mode, rows, fmt)
+        out = tokenize_rows(tok, mode, rows, fmt, MAX_LENGTH)
         assert out["drop_reason"] == [""]
         assert specials_in(out["prompt_ids"][0], tok) == bos_prefix(tok), s
         assert out["prompt_ids"][0][: len(bos_prefix(tok))] == bos_prefix(tok)
@@ -131,8 +116,9 @@ def test_chat_rows_keep_content_specials_as_text_and_template_specials_special(
         rows = chat_rows(shape, s)
         if shape == "lists" and mode == "sft":
             rows = [{"prompt": rows[0]["prompt"], "completion": rows[0]["chosen"]}]
-        out = run(tok, mode, rows, "conversational")
-        clean = run(tok, mode, chat_rows(shape, ""), "conversational")  # no special text
+        out = tokenize_rows(tok, mode, rows, "conversational", MAX_LENGTH)
+        clean_rows = chat_rows(shape, "")  # no special text
+        clean = tokenize_rows(tok, mode, clean_rows, "conversational", MAX_LENGTH)
         template = specials_in(clean["prompt_ids"][0], tok)
         assert template and specials_in(out["prompt_ids"][0], tok) == template, s
         check_completions(out, mode, tok)
@@ -199,9 +185,9 @@ def test_plain_text_is_the_tokenizers_own_with_special_tokens_split(toks):
 
 def test_defuse_and_restore(toks):
     tok = toks["sp"]
-    text = "a </s> b <s><|pad|></s"
+    text = "a </s> b <s><unk></s"
     defused = defuse(text, tok)
-    assert "</s>" not in defused and "<s>" not in defused and "<|pad|>" not in defused
+    assert "</s>" not in defused and "<s>" not in defused and "<unk>" not in defused
     assert defused.count(MARK) == 3 and restore(defused, tok) == text
     assert defuse("no specials", tok) == "no specials"
 
@@ -215,7 +201,7 @@ def test_reserved_marker_character_is_a_row_error(toks):
     }
     where = re.escape("split 'train', row 0, column 'messages': message 0 content: it holds")
     with pytest.raises(RowError, match=where):
-        run(toks["sp"], "sft", [row], "conversational")
+        tokenize_rows(toks["sp"], "sft", [row], "conversational", MAX_LENGTH)
 
 
 def test_tokenizer_that_reads_special_text_as_special_is_a_row_error():
@@ -232,4 +218,4 @@ def test_tokenizer_that_reads_special_text_as_special_is_a_row_error():
     where = re.escape("split 'train', row 1, column 'completion': completion 0: the tokenizer ")
     where += re.escape("turns the text '</s>' into its special token")
     with pytest.raises(RowError, match=where):
-        run(tok, "sft", rows, "explicit")
+        tokenize_rows(tok, "sft", rows, "explicit", MAX_LENGTH)

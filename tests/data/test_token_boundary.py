@@ -14,12 +14,18 @@ import logging
 
 import datasets
 import pytest
-from offline_tokenizers import byte_level_bpe, encode_alone, lone_metaspace_id, sentencepiece_bpe
+from offline_tokenizers import (
+    byte_level_bpe,
+    encode_alone,
+    lone_metaspace_id,
+    sentencepiece_bpe,
+    tokenize_rows,
+)
 
 from prefl.data import PreferenceDataModule
 from prefl.data.boundary import encode_rows, separator, shared_prefix_length
-from prefl.data.formats import Columns, split_implicit
-from prefl.data.tokenize import Limits, encode_prompts, tokenize_batch
+from prefl.data.formats import split_implicit
+from prefl.data.tokenize import encode_prompts
 from prefl.data.tokenizers import build_toy_tokenizer
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
@@ -49,21 +55,6 @@ def sp_first():
 @pytest.fixture(scope="module")
 def bl():
     return byte_level_bpe()
-
-
-def run(tok, mode: str, rows: list[dict], fmt: str, max_length=512, max_prompt_length=None):
-    batch = {k: [r[k] for r in rows] for k in rows[0]}
-    return tokenize_batch(
-        batch,
-        list(range(len(rows))),
-        split="train",
-        mode=mode,
-        row_format=fmt,
-        columns=Columns(),
-        tokenizer=tok,
-        limits=Limits(max_length, max_prompt_length),
-        use_margin=False,
-    )
 
 
 def rows_in(fmt: str, mode: str, triples) -> list[dict]:
@@ -101,7 +92,7 @@ def test_the_defect_sentencepiece_alone_starts_with_a_lone_piece(sp, sp_first, b
 @pytest.mark.parametrize("fmt", ["explicit", "implicit"])
 @pytest.mark.parametrize("triples", [HH_ROWS, INST_ROWS], ids=["hh", "inst"])
 def test_sentencepiece_completions_are_the_joint_suffix(sp, mode, fmt, triples):
-    out = run(sp, mode, rows_in(fmt, mode, triples), fmt)
+    out = tokenize_rows(sp, mode, rows_in(fmt, mode, triples), fmt)
     lone, eos = lone_metaspace_id(sp), sp.eos_token_id
     assert out["boundary_merged"] == [False] * len(triples)
     for prompt_ids, completions, (prompt, texts) in zip(
@@ -124,7 +115,7 @@ def test_llama2_chat_rows_are_the_rendered_conversation(sp, mode):
         }
         for p, c, r in INST_ROWS
     ]
-    out = run(sp, mode, rows, "conversational")
+    out = tokenize_rows(sp, mode, rows, "conversational")
     assert out["boundary_merged"] == [False, False]
     for row, prompt_ids, completions in zip(
         rows, out["prompt_ids"], completions_of(out, mode), strict=True
@@ -141,7 +132,7 @@ def test_byte_level_output_is_unchanged(bl, mode):
     rows = rows_in("explicit", mode, HH_ROWS + INST_ROWS)
     if mode == "prompts":
         rows = [{"prompt": r["prompt"]} for r in rows]
-    out = run(bl, mode, rows, "explicit")
+    out = tokenize_rows(bl, mode, rows, "explicit")
     assert out["boundary_merged"] == [False] * len(rows)
     assert out["prompt_ids"] == [bl(r["prompt"])["input_ids"] for r in rows]
     if mode != "prompts":  # the old rule: each completion on its own, plus EOS
@@ -160,7 +151,7 @@ def test_byte_level_chatml_rows_are_unchanged(bl):
         }
         for p, c, r in HH_ROWS + INST_ROWS
     ]
-    out = run(bl, "pairs", rows, "conversational")
+    out = tokenize_rows(bl, "pairs", rows, "conversational")
     assert out["boundary_merged"] == [False] * len(rows)
     for i, row in enumerate(rows):
         prompt = bl.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
@@ -175,7 +166,7 @@ def test_toy_rows_tokenize_as_before():
     tok = build_toy_tokenizer()
     assert separator(tok) == " "  # word-level: "was" + "great" are two words
     rows = [{"prompt": "happily , the movie was", "chosen": "great fun", "rejected": "bad"}]
-    out = run(tok, "pairs", rows, "explicit")
+    out = tokenize_rows(tok, "pairs", rows, "explicit")
     assert out["prompt_ids"] == encode_prompts(tok, ["happily , the movie was"])
     assert out["chosen_ids"] == encode_alone(tok, ["great fun"], chat=False)
     assert out["boundary_merged"] == [False]
@@ -198,7 +189,7 @@ def test_merged_boundary_follows_rule_3(sp, bl, which, prompt, completion):
     joint = tok(prompt + completion)["input_ids"]
     assert joint[: len(alone)] != alone  # a token merges across the boundary
     other = " No."  # a rejected reply whose joint keeps the prompt's ids
-    out = run(
+    out = tokenize_rows(
         tok, "pairs", [{"prompt": prompt, "chosen": completion, "rejected": other}], "explicit"
     )
     assert out["boundary_merged"] == [True]
@@ -232,7 +223,7 @@ def test_truncation_rules_hold_on_joint_ids(sp):
     prompt, text = HH_ROWS[1][0], HH_ROWS[1][1]
     full = sp(prompt + text)["input_ids"]
     p = len(sp(prompt)["input_ids"])
-    out = run(sp, "sft", [{"prompt": prompt, "completion": text}], "explicit", 12, 5)
+    out = tokenize_rows(sp, "sft", [{"prompt": prompt, "completion": text}], "explicit", 12, 5)
     # prompt: BOS + its last 4 ids; completion: cut from the right, no EOS
     assert out["prompt_ids"] == [[sp.bos_token_id, *full[p - 4 : p]]]
     assert out["completion_ids"] == [full[p : p + 7]] and out["truncated"] == [True]
@@ -246,7 +237,7 @@ def test_real_hh_rows(hh_rows):
     where completions on their own (the old rule) all did."""
     tok = sentencepiece_bpe([r["chosen"] for r in hh_rows[:400]], vocab_size=2000)
     lone, eos = lone_metaspace_id(tok), tok.eos_token_id
-    out = run(tok, "pairs", hh_rows, "implicit", max_length=100_000)
+    out = tokenize_rows(tok, "pairs", hh_rows, "implicit", max_length=100_000)
     kept = [i for i, r in enumerate(out["drop_reason"]) if not r]
     assert len(kept) > 2300 and sum(out["boundary_merged"]) == 0
     for key in ("chosen", "rejected"):

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from offline_tokenizers import tokenize_rows
 
 from prefl.data.boundary import end_with_eos, strip_after_eos
 from prefl.data.collate import PreferenceCollator, pad, padded_length
@@ -57,18 +58,7 @@ def run(
     multiple: int | None = None,
 ) -> tuple[dict[str, list], dict]:
     """Tokenize ``rows`` with tokenize_batch and collate all of them into one batch."""
-    batch = {k: [r[k] for r in rows] for k in rows[0]}
-    out = tokenize_batch(
-        batch,
-        list(range(len(rows))),
-        split="train",
-        mode=mode,
-        row_format=fmt,
-        columns=Columns(),
-        tokenizer=tok,
-        limits=Limits(max_length, max_prompt_length),
-        use_margin="margin" in rows[0],
-    )
+    out = tokenize_rows(tok, mode, rows, fmt, max_length, max_prompt_length)
     examples = [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
     return out, PreferenceCollator(tok.pad_token_id, mode, multiple)(examples)
 

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from prefl.data import tokenizers as tokmod
-from prefl.data.tokenizers import PAD_TOKEN, build_toy_tokenizer, load_tokenizer
+from prefl.data.tokenizers import build_toy_tokenizer, load_tokenizer
 
 WORD_IDS = {"happily": 7, ",": 28, "the": 55, "movie": 16, "was": 24, "great": 30, "bad": 40}
 PROMPT = "happily , the movie was"
@@ -60,7 +60,7 @@ def test_toy_word_ids(toy_tok):
 
 def test_load_tokenizer_toy_keeps_its_pad(toy_tok):
     assert toy_tok.pad_token == "<pad>"
-    assert PAD_TOKEN not in toy_tok.get_vocab()
+    assert "<|pad|>" not in toy_tok.get_vocab()
 
 
 def test_toy_vocab_is_identical_in_a_fresh_process(toy_tok):
@@ -133,33 +133,33 @@ def test_trust_remote_code_is_passed_through(monkeypatch):
     monkeypatch.setattr(tokmod.AutoTokenizer, "from_pretrained", fake_from_pretrained)
     load_tokenizer("some/repo")
     load_tokenizer("some/repo", trust_remote_code=True)
+    load_tokenizer("/models/x/model.Q4.gguf")  # a GGUF file: its folder and file name
     assert seen == [
-        ("some/repo", {"trust_remote_code": False}),
-        ("some/repo", {"trust_remote_code": True}),
+        ("some/repo", {"gguf_file": None, "trust_remote_code": False}),
+        ("some/repo", {"gguf_file": None, "trust_remote_code": True}),
+        ("/models/x", {"gguf_file": "model.Q4.gguf", "trust_remote_code": False}),
     ]
 
 
-# --------------------------------------------------------------------------- the PAD != EOS fix
+# ------------------------------------------------------------------ PAD: the vocabulary kept
 
 
-def test_no_pad_token_gets_a_distinct_pad():
+def test_no_pad_token_pads_with_eos():
+    """No PAD: the EOS becomes PAD; nothing is added, so the vocabulary stays 4 tokens."""
     tok = word_level(SMALL_VOCAB, eos_token="</s>")
     assert tok.pad_token_id is None and len(tok) == 4
     out = load_tokenizer(tok)
     assert out is tok
-    assert out.pad_token == PAD_TOKEN
-    assert (out.pad_token_id, out.eos_token_id) == (4, 1)
-    assert len(out) == 5
-    assert out("a b", padding="max_length", max_length=4)["input_ids"] == [2, 3, 4, 4]
+    assert (out.pad_token, out.pad_token_id, out.eos_token_id) == ("</s>", 1, 1)
+    assert len(out) == 4
+    assert out("a b", padding="max_length", max_length=4)["input_ids"] == [2, 3, 1, 1]
 
 
-def test_pad_equal_to_eos_gets_a_distinct_pad():
+def test_pad_equal_to_eos_is_kept():
     tok = word_level(SMALL_VOCAB, eos_token="</s>", pad_token="</s>")
     assert tok.pad_token_id == tok.eos_token_id == 1
     out = load_tokenizer(tok)
-    assert out.pad_token == PAD_TOKEN
-    assert (out.pad_token_id, out.eos_token_id) == (4, 1)
-    assert len(out) == 5
+    assert (out.pad_token_id, out.eos_token_id, len(out)) == (1, 1, 4)
 
 
 def test_a_distinct_pad_is_left_alone():
@@ -168,15 +168,15 @@ def test_a_distinct_pad_is_left_alone():
     assert (tok.pad_token, tok.pad_token_id, len(tok)) == ("<p>", 4, 5)
 
 
-def test_added_pad_survives_a_round_trip_and_is_not_added_twice(tmp_path):
+def test_pad_set_to_eos_survives_a_round_trip(tmp_path):
     tok = load_tokenizer(word_level(SMALL_VOCAB, eos_token="</s>"))
     tok.save_pretrained(tmp_path)
     again = load_tokenizer(str(tmp_path))
     assert (again.pad_token, again.pad_token_id, again.eos_token_id, len(again)) == (
-        PAD_TOKEN,
-        4,
+        "</s>",
         1,
-        5,
+        1,
+        4,
     )
 
 

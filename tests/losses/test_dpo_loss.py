@@ -15,7 +15,16 @@ import math
 import pytest
 import torch
 
-from prefl.losses.dpo import DPO_LOSSES, REFERENCE_FREE, dpo_loss, dpo_loss_terms, implicit_rewards
+from prefl.losses.dpo import (
+    DPO_LOSSES,
+    REFERENCE_FREE,
+    DPOLoss,
+    DPOSettings,
+    DPOSettingsError,
+    dpo_loss,
+    dpo_loss_terms,
+    implicit_rewards,
+)
 
 L2 = math.log(2.0)
 L3 = math.log(3.0)
@@ -653,3 +662,57 @@ def test_nll_weight_without_lengths_names_the_option():
     t = torch.zeros(1, dtype=torch.float64)
     with pytest.raises(ValueError, match="nll_weight needs chosen_lengths"):
         dpo_loss_terms(t, t, t, t, nll_weight=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# DPOSettings: the knobs declared once, checked once; DPOLoss: the named result.
+# --------------------------------------------------------------------------------------------
+
+
+def test_settings_object_gives_the_same_result_as_keywords():
+    """The mixture of ``test_loss_weights_mix_exactly_as_weighted_sum`` (total 2·ln(4/3) + ½)
+    passed as one ``DPOSettings``; keywords next to ``settings`` override its fields (β = 2 doubles
+    the rewards). The result is a ``DPOLoss`` whose fields are the three tensors."""
+    x = dict(pc=t(-2.0), pr=t(-1.0), rc=t(-2.0 - L3), rr=t(-1.0), nc=n(2), nr=n(3))
+    settings = DPOSettings(beta=1.0, loss_type=["sigmoid", "sft"], loss_weights=[2.0, 0.5])
+    out = run(x, settings=settings)
+    assert isinstance(out, DPOLoss)
+    assert_close(out.losses, [2 * L43 + 0.5])
+    assert_close(out.chosen_rewards, [L3])
+    assert_close(out.rejected_rewards, [0.0])
+    assert out == tuple(out) and len(out) == 3
+    doubled = run(x, settings=settings, beta=2.0)
+    assert_close(doubled.chosen_rewards, [2 * L3])
+    assert settings.beta == 1.0  # frozen: the override made a new settings object
+
+
+def test_settings_are_frozen_normalised_and_describe_the_terms():
+    s = DPOSettings(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2], nll_weight=1.0)
+    assert s.loss_type == ("sigmoid", "bco_pair") and s.loss_weights == (0.8, 0.2)
+    assert s.term_names == ("sigmoid", "bco_pair", "nll")
+    assert s.needs_reference
+    assert DPOSettings().loss_type == ("sigmoid",) and DPOSettings().weights == (1.0,)
+    assert DPOSettings().term_names == ()
+    assert DPOSettings(nll_weight=0.5).term_names == ("sigmoid", "nll")
+    assert not DPOSettings(loss_type=["cpo", "sft"]).needs_reference
+    with pytest.raises(AttributeError):
+        s.beta = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"loss_type": "dpo"}, "loss_type"),
+        ({"loss_type": []}, "loss_type"),
+        ({"loss_weights": [1.0, 2.0]}, "loss_weights"),
+        ({"beta": 0.0}, "beta"),
+        ({"label_smoothing": 0.5}, "label_smoothing"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"nll_weight": -1.0}, "nll_weight"),
+        ({"discopop_tau": 0.0}, "discopop_tau"),
+    ],
+)
+def test_bad_settings_raise_naming_the_field(kwargs, key):
+    with pytest.raises(DPOSettingsError, match=key) as info:
+        DPOSettings(**kwargs)
+    assert info.value.key == key

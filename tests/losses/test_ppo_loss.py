@@ -28,26 +28,18 @@ from prefl.functional import masked_mean
 from prefl.losses.ppo import clipped_policy_loss, clipped_value_loss
 
 F64 = torch.float64
-TOL = 1e-6
 NAN, INF = float("nan"), float("inf")
+Z = torch.zeros(1, 2)  # inputs of the error cases
 
 
 def t(*rows, requires_grad: bool = False) -> torch.Tensor:
     return torch.tensor(rows, dtype=F64, requires_grad=requires_grad)
 
 
-def assert_close(actual: torch.Tensor, expected, tol: float = TOL) -> None:
-    expected = torch.as_tensor(expected, dtype=actual.dtype)
-    assert actual.shape == expected.shape
-    assert torch.allclose(actual.detach(), expected, rtol=0.0, atol=tol), (
-        f"actual={actual.detach().tolist()} expected={expected.tolist()}"
-    )
-
-
 # ------------------------------------------------------------------------------ policy loss
 
 
-def test_policy_loss_at_ratio_one():
+def test_policy_loss_at_ratio_one(assert_close):
     """logprobs == old: ρ = 1 everywhere, loss = -masked_mean(A) = -(1 - 2 + 4) / 3 = -1,
     gradient -A / 3 on valid tokens; no clipping, approx_kl 0."""
     logp = t([-1.0, -2.0, -0.5, 9.0], requires_grad=True)
@@ -73,7 +65,7 @@ def table_inputs(requires_grad: bool = True):
     return logp, old, adv, mask
 
 
-def test_policy_loss_clipping_cases():
+def test_policy_loss_clipping_cases(assert_close):
     """The five cases of the module table: loss -0.66, clip fraction 0.4, approx_kl
     = 0.5·mean(ln²1.1, ln²1.5, ln²0.5, ln²1.5, ln²0.5)
     = 0.5·(0.0090840 + 2·0.1644020 + 2·0.4804530) / 5 = 0.1298794;
@@ -99,7 +91,7 @@ def test_policy_loss_clipping_cases():
         (0.9, -1.0, 0.9, 0.9, 0.0),  # inside the range, A < 0
     ],
 )
-def test_policy_loss_single_token(ratio, adv, loss, grad, clipped):
+def test_policy_loss_single_token(ratio, adv, loss, grad, clipped, assert_close):
     logp = t([math.log(ratio)], requires_grad=True)
     out, clip_frac, _ = clipped_policy_loss(logp, t([0.0]), t([adv]), torch.ones(1, 1))
     assert_close(out, loss)
@@ -108,7 +100,7 @@ def test_policy_loss_single_token(ratio, adv, loss, grad, clipped):
     assert_close(g, [[grad]])
 
 
-def test_policy_loss_num_tokens_micro_batches_add_up():
+def test_policy_loss_num_tokens_micro_batches_add_up(assert_close):
     """Split a random (3, 4) batch into micro-batches of 1 and 2 rows with 3 and 4 valid tokens:
     each divided by the 7 valid tokens of the whole, they sum to the full token mean, in value
     and in gradient (the per-micro-batch means would not)."""
@@ -130,20 +122,24 @@ def test_policy_loss_num_tokens_micro_batches_add_up():
     assert abs((a_mean + b_mean) / 2 - full).item() > 1e-3
 
 
-def test_policy_loss_errors():
-    z = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="shape"):
-        clipped_policy_loss(z, z, torch.zeros(1, 3), z)
-    with pytest.raises(ValueError, match="clip_eps"):
-        clipped_policy_loss(z, z, z, z, clip_eps=-0.1)
-    with pytest.raises(ValueError, match="num_tokens"):
-        clipped_policy_loss(z, z, z, z, num_tokens=0)
+@pytest.mark.parametrize(
+    ("advantages", "kwargs", "match"),
+    [
+        (torch.zeros(1, 3), {}, "shape"),
+        (Z, {"clip_eps": -0.1}, "clip_eps"),
+        (Z, {"num_tokens": 0}, "num_tokens"),
+    ],
+    ids=["shape", "clip_eps", "num_tokens"],
+)
+def test_policy_loss_errors(advantages, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        clipped_policy_loss(Z, Z, advantages, Z, **kwargs)
 
 
 # ------------------------------------------------------------------------------- value loss
 
 
-def test_value_loss_hand_values():
+def test_value_loss_hand_values(assert_close):
     """ε = 0.2, old = 1, R = 2, per token 0.5·max((v - R)², (v_clip - R)²):
 
     v = 1.1 (inside):  v_clip = 1.1, 0.5·0.81 = 0.405, not clipped, d/dv = v - R = -0.9
@@ -165,7 +161,7 @@ def test_value_loss_hand_values():
     assert_close(grad, [[-0.3, 0.0, -0.5, 0.0]])
 
 
-def test_value_loss_num_tokens_and_no_clipping_when_at_old():
+def test_value_loss_num_tokens_and_no_clipping_when_at_old(assert_close):
     """values == old: plain 0.5·MSE, (0.5·1 + 0.5·4) / 2 = 1.25, no clipping; with
     ``num_tokens=5`` the masked sum 2.5 is divided by 5."""
     v = t([1.0, 0.0, 3.0])
@@ -178,9 +174,11 @@ def test_value_loss_num_tokens_and_no_clipping_when_at_old():
     assert_close(loss, 0.5)
 
 
-def test_value_loss_errors():
-    z = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="shape"):
-        clipped_value_loss(z, z, torch.zeros(2, 2), z)
-    with pytest.raises(ValueError, match="num_tokens"):
-        clipped_value_loss(z, z, z, z, num_tokens=-1.0)
+@pytest.mark.parametrize(
+    ("returns", "kwargs", "match"),
+    [(torch.zeros(2, 2), {}, "shape"), (Z, {"num_tokens": -1.0}, "num_tokens")],
+    ids=["shape", "num_tokens"],
+)
+def test_value_loss_errors(returns, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        clipped_value_loss(Z, Z, returns, Z, **kwargs)

@@ -38,11 +38,6 @@ SMALL_LLAMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("toy")
-
-
 def toy_model(tok, seed: int = 0, **spec):
     torch.manual_seed(seed)
     return build_causal_lm(CausalLMSpec(config="toy", **spec), tok)
@@ -124,22 +119,24 @@ def test_build_from_an_explicit_dict(tok):
     assert model.generation_config.bos_token_id == 2
 
 
-def test_build_with_a_tokenizer_that_gained_a_pad():
-    tok = load_tokenizer(no_pad_tokenizer())
+def test_build_with_a_tokenizer_without_pad_keeps_its_vocabulary():
+    tok = load_tokenizer(no_pad_tokenizer())  # PAD becomes the EOS; no token added
     model = build_causal_lm(CausalLMSpec(config=dict(SMALL_LLAMA)), tok)
-    assert model.config.vocab_size == 5
-    assert (model.config.pad_token_id, model.config.eos_token_id) == (4, 1)
+    assert model.config.vocab_size == 4
+    assert (model.config.pad_token_id, model.config.eos_token_id) == (1, 1)
     assert model.config.bos_token_id is None
 
 
-def test_align_with_tokenizer_grows_embeddings_for_a_new_pad():
+def test_align_with_tokenizer_grows_embeddings_for_a_token_the_user_added():
+    """prefl adds no token itself; a tokenizer the user extended still gets its embeddings."""
     raw = no_pad_tokenizer()
     torch.manual_seed(0)
     model = build_causal_lm(CausalLMSpec(config=dict(SMALL_LLAMA)), raw)
     assert model.get_input_embeddings().num_embeddings == 4
     assert model.config.pad_token_id is None
     before = model.get_input_embeddings().weight.detach().clone()
-    tok = load_tokenizer(raw)  # adds <|pad|> = 4
+    tok = load_tokenizer(raw)
+    tok.add_special_tokens({"pad_token": "<|pad|>"})  # the user's own PAD = 4
     align_with_tokenizer(model, tok)
     emb = model.get_input_embeddings().weight
     assert emb.shape == (5, 32)
@@ -196,16 +193,16 @@ def test_load_by_path_with_dtype(saved, tok):
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
 
-def test_load_by_path_grows_embeddings_for_a_tokenizer_that_gained_a_pad(tmp_path):
+def test_load_by_path_keeps_the_vocabulary_of_a_tokenizer_without_pad(tmp_path):
     raw = no_pad_tokenizer()
     torch.manual_seed(0)
     model = build_causal_lm(CausalLMSpec(config=dict(SMALL_LLAMA)), raw)
     model.save_pretrained(tmp_path)
     loaded = build_causal_lm(str(tmp_path), load_tokenizer(raw))
-    assert loaded.get_input_embeddings().num_embeddings == 5
-    assert loaded.config.pad_token_id == 4
+    assert loaded.get_input_embeddings().num_embeddings == 4
+    assert loaded.config.pad_token_id == loaded.config.eos_token_id == 1
     ids = torch.tensor([[2, 3, 1]])
-    torch.testing.assert_close(logits(loaded, ids)[..., :4], logits(model, ids), atol=0, rtol=0)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=0, rtol=0)
 
 
 def test_from_pretrained_kwargs_are_passed_through(tok, monkeypatch):

@@ -17,7 +17,6 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from prefl.data import load_tokenizer
 from prefl.data.collate import pad
 from prefl.models import (
     CausalLMSpec,
@@ -51,11 +50,6 @@ SEQS = [
 ]
 PROMPTS = ["happily , the movie was", "sadly , the plot is", "honestly , the cast felt"]
 COMPLETIONS = ["great fun and very moving", "dull", "a bit long"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("toy")
 
 
 def toy_reward_model(tok, seed: int = 0, stats=None, **spec) -> RewardModel:

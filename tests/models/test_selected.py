@@ -50,6 +50,17 @@ def head_rows(m: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.Removabl
     return rows, hook
 
 
+def assert_selected_from_full_logits(m: torch.nn.Module, wrapped: torch.nn.Module) -> None:
+    """``selected_logits`` on ``wrapped`` (around ``m``) takes the fallback: ``m``'s head projects
+    every position, then the scored ones are selected, equal to the full forward's."""
+    _, mask = next_token_targets(IDS, LOSS)
+    rows, hook = head_rows(m)
+    got = selected_logits(wrapped, IDS, ATTN, mask)
+    hook.remove()
+    assert rows == [IDS.numel()]  # every position projected, then selected
+    torch.testing.assert_close(got, m(input_ids=IDS, attention_mask=ATTN).logits[mask])
+
+
 @pytest.mark.parametrize("tie,lora", [(False, False), (True, False), (False, True)])
 def test_selected_logits_equal_full_logits_at_the_positions(tie, lora):
     m = model(tie, lora)
@@ -101,12 +112,7 @@ def test_a_model_without_an_output_head_falls_back_to_full_logits():
     m = model()
     wrapped = NoHead(m)
     assert output_head(wrapped) is None
-    _, mask = next_token_targets(IDS, LOSS)
-    rows, hook = head_rows(m)
-    got = selected_logits(wrapped, IDS, ATTN, mask)
-    hook.remove()
-    assert rows == [IDS.numel()]  # every position projected, then selected
-    torch.testing.assert_close(got, m(input_ids=IDS, attention_mask=ATTN).logits[mask])
+    assert_selected_from_full_logits(m, wrapped)
 
 
 class KeywordHead(torch.nn.Module):
@@ -127,9 +133,4 @@ class KeywordHead(torch.nn.Module):
 def test_a_keyword_call_of_the_head_falls_back_to_selecting_from_full_logits():
     m = model()
     wrapped = KeywordHead(m)
-    _, mask = next_token_targets(IDS, LOSS)
-    rows, hook = head_rows(m)
-    got = selected_logits(wrapped, IDS, ATTN, mask)
-    hook.remove()
-    assert rows == [IDS.numel()]  # every position projected, then selected
-    torch.testing.assert_close(got, m(input_ids=IDS, attention_mask=ATTN).logits[mask])
+    assert_selected_from_full_logits(m, wrapped)

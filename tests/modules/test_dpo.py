@@ -207,6 +207,8 @@ def test_dropout_is_disabled(tmp_path):
     [
         ({"loss_type": "nope"}, "model.loss_type"),
         ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "model.loss_weights"),
+        ({"beta": 0.0}, "model.beta"),
+        ({"label_smoothing": 0.5}, "model.label_smoothing"),
         ({"precompute_ref_logps": True, "ref_sync_every": 10}, "model.ref_sync_every"),
     ],
 )

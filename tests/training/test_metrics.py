@@ -53,3 +53,53 @@ def test_global_means_hand_values_and_one_reduction():
         assert out["score"].item() == pytest.approx(1.5)
         assert out["value"].item() == pytest.approx(3.0)
     assert calls == [torch.Size([4])]
+
+
+class Recorder:
+    """Stands in for a LightningModule: records ``log`` / ``log_dict`` calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object, dict]] = []
+
+    def log(self, name, value, **kwargs) -> None:
+        self.calls.append((name, value, kwargs))
+
+    def log_dict(self, values, **kwargs) -> None:
+        self.calls += [(name, value, kwargs) for name, value in values.items()]
+
+
+def test_log_passes_the_metric_objects_with_step_values_of_the_batch():
+    """Batch 1: (1, 3) -> its own mean 2 is the step value Lightning logs (the metric's forward
+    cache); batch 2: 6 -> 6. The epoch value is (1 + 3 + 6) / 3 = 10/3. prog_bar only for the
+    names asked for; on_epoch always."""
+    metrics = StageMetrics(["loss", "rewards/accuracies"])
+    module = Recorder()
+    metrics.update("train", {"loss": torch.tensor([1.0, 3.0]), "rewards/accuracies": torch.ones(2)})
+    metrics.log(module, "train", on_step=True, prog_bar=["loss"], batch_size=2)
+    assert [c[0] for c in module.calls] == ["train/loss", "train/rewards/accuracies"]
+    loss_metric, kwargs = module.calls[0][1], module.calls[0][2]
+    assert loss_metric._forward_cache.item() == pytest.approx(2.0)
+    assert kwargs == dict(on_step=True, on_epoch=True, prog_bar=True, batch_size=2)
+    assert module.calls[1][2]["prog_bar"] is False
+    metrics.update("train", {"loss": torch.tensor([6.0]), "rewards/accuracies": torch.zeros(1)})
+    assert loss_metric._forward_cache.item() == pytest.approx(6.0)
+    assert metrics.compute("train")["loss"].item() == pytest.approx(10.0 / 3.0)
+
+
+def test_log_epoch_derives_logs_once_and_resets():
+    """Means loss = (2 + 4) / 2 = 3; ``derive`` adds twice the loss, 6. Both are logged under
+    ``val/`` with the given flags and returned; the stage is reset afterwards."""
+    metrics = StageMetrics(["loss"])
+    module = Recorder()
+    metrics.update("val", {"loss": torch.tensor([2.0, 4.0])})
+    out = metrics.log_epoch(
+        module, "val", lambda m: {**m, "double": 2 * m["loss"]}, prog_bar=True, sync_dist=True
+    )
+    assert {k: v.item() for k, v in out.items()} == {"loss": 3.0, "double": 6.0}
+    assert [(name, value.item()) for name, value, _ in module.calls] == [
+        ("val/loss", 3.0),
+        ("val/double", 6.0),
+    ]
+    assert all(kw == dict(prog_bar=True, sync_dist=True) for _, _, kw in module.calls)
+    metrics.update("val", {"loss": torch.tensor(8.0)})
+    assert metrics.compute("val")["loss"].item() == pytest.approx(8.0)
