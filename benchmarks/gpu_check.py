@@ -198,7 +198,7 @@ def run_stage(stage: str, args, tokenizer, spec) -> dict:
         r["mfu"] = mfu(factor * n * r["tokens_per_s_incl_padding"], 1.0)
         out["phases"] = {"train step": r}
         return out
-    w, epochs = args.warmup, module.cfg["ppo_epochs"]
+    w, epochs = args.warmup, module.ppo_epochs
     for s in ppo_log:
         s["update_padded"], s["update_real"] = epochs * s["sequence_padded"], epochs * s["sequence"]
         s["step"] = s["rollout"] + s["update"]

@@ -132,7 +132,7 @@ def time_ppo_phases(module: Any, log: list[dict[str, float]]):
             wrapped.append(policy)
         record.clear()
         r = timed(original_rollout, "rollout")(batch, seed)
-        resp = r["responses"]
+        resp = r.responses
         record["generated_padded"] = float(resp.response_ids.numel())
         record["generated"] = float(resp.response_mask.sum().item())
         record["sequence_padded"] = float(resp.query_ids.numel() + resp.response_ids.numel())

@@ -8,6 +8,8 @@ list[float]``; :func:`resolve_reward_fn` finds one by name (``"toy"`` or
 model (read at the last real token; normalised with the mean/std stored in its export) and Python
 reward functions ``fn(prompts, completions) -> list[float]``, each with a weight; then responses
 that never emitted EOS get a fixed penalty score, and scores are optionally clipped.
+:func:`build_scorer` makes one from a reward-model export path and reward-function names (as
+PPO's settings give them), and :func:`check_reward_sources` rejects settings that cannot.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import importlib
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from prefl.generation.rollout import Responses
+from prefl.models import disable_dropout
 from prefl.models.reward import RewardModel
 from prefl.tasks import toy
 
@@ -95,3 +99,54 @@ class Scorer(torch.nn.Module):
         if self.clip is not None:
             score = score.clamp(-self.clip, self.clip)
         return {"score": score, "raw": raw, **parts}
+
+
+def check_reward_sources(
+    reward_model: str | None,
+    reward_fns: Sequence[str] | None,
+    reward_weights: Sequence[float] | None,
+) -> None:
+    """Raise a ``ValueError`` naming the config keys unless there is a reward source and, when
+    ``reward_weights`` is given, one weight per source (the reward model first)."""
+    n_sources = len(reward_fns or []) + (reward_model is not None)
+    if n_sources == 0:
+        raise ValueError("PPO needs a reward: set model.reward_model and/or model.reward_fns")
+    if reward_weights is not None and len(reward_weights) != n_sources:
+        raise ValueError(
+            f"model.reward_weights has {len(reward_weights)} values for "
+            f"{n_sources} reward sources (reward model first, then functions)"
+        )
+
+
+def build_scorer(
+    reward_model: str | None,
+    reward_fns: Sequence[str],
+    reward_weights: Sequence[float] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    normalize: bool = True,
+    no_eos_score: float | None = -1.0,
+    clip: float | None = None,
+) -> Scorer:
+    """A :class:`Scorer` from settings.
+
+    Args:
+        reward_model: Path of a reward-model export, loaded frozen with dropout off; or None.
+        reward_fns: Reward-function names (see :func:`resolve_reward_fn`).
+        reward_weights: One weight per source (the reward model first); None = all 1.
+        tokenizer: The policy's tokenizer: a reward model with the same vocabulary reads the
+            sampled ids directly, another one re-tokenizes the texts.
+        normalize: Normalise the reward model's score with its stored mean/std.
+        no_eos_score: Score of responses that never emit EOS; None = no penalty.
+        clip: Clip scores to ``[-clip, clip]``; None = no clipping.
+    """
+    model = None
+    if reward_model is not None:
+        model = RewardModel.from_pretrained(reward_model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        disable_dropout(model)
+    fns = [resolve_reward_fn(name) for name in reward_fns]
+    weights = reward_weights or [1.0] * (len(fns) + (model is not None))
+    same = model is None or model.tokenizer.get_vocab() == tokenizer.get_vocab()
+    return Scorer(model, fns, weights, normalize, no_eos_score, clip, same)

@@ -2,14 +2,16 @@
 critic-free estimators RLOO, GRPO and REINFORCE++-baseline, under manual optimisation.
 
 One ``training_step`` is one rollout and its update, written out (design §5.10): sample ``k``
-responses per prompt (:mod:`prefl.generation.rollout`), score them
-(:class:`~prefl.generation.rewards.Scorer`),
-compute per-token KL and rewards, advantages (GAE with the critic, or a critic-free estimator over
-each prompt's group), then ``ppo_epochs`` passes of shuffled minibatches, each split into
-micro-batches whose gradients accumulate into one clipped optimizer step. Loss token means are
-taken over the whole minibatch across all ranks, so they do not depend on micro-batching or on
-data-parallel sharding (§5.8). Per rollout the policy optimizer steps exactly
-``ppo_epochs × ceil(N / mini_batch_size)`` times (``N`` = prompts × ``num_samples``).
+responses per prompt, score them and compute per-token KL, rewards and advantages (GAE with
+the critic, or a critic-free estimator over each prompt's group) into a typed
+:class:`~prefl.training.ppo_rollout.Rollout` (:func:`~prefl.training.ppo_rollout.collect_rollout`),
+then ``ppo_epochs`` passes of shuffled minibatches, each split into micro-batches whose
+gradients accumulate into one clipped optimizer step
+(:func:`~prefl.training.ppo_update.ppo_update`).
+Loss token means are taken over the whole minibatch across all ranks, so they do not depend on
+micro-batching or on data-parallel sharding (§5.8). Per rollout the policy optimizer steps exactly
+``ppo_epochs × ceil(N / mini_batch_size)`` times (``N`` = prompts × ``num_samples``). The module
+holds the models, the settings (one attribute per argument), the optimizers and the logging.
 """
 
 from __future__ import annotations
@@ -22,22 +24,26 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import PreTrainedTokenizerBase
 
-from prefl.functional import explained_variance
-from prefl.functional.advantages import ADVANTAGE_ESTIMATORS
-from prefl.generation.rewards import Scorer, resolve_reward_fn
+from prefl.generation.rewards import Scorer, build_scorer, check_reward_sources
 from prefl.generation.rollout import Responses, response_logprobs
 from prefl.models import CausalLMSpec, disable_dropout
-from prefl.models.reward import RewardModel
 from prefl.models.value import build_value_model, critic_spec
 from prefl.modules.reference import ReferenceModule
 from prefl.training.kl_control import KLController
-from prefl.training.ppo_rollout import PPORolloutMixin
-from prefl.training.ppo_update import PPOUpdateMixin
+from prefl.training.ppo_metrics import rollout_means, update_metrics
+from prefl.training.ppo_rollout import (
+    Estimator,
+    Rollout,
+    check_estimator,
+    collect_rollout,
+    offload,
+    on_device,
+    rollout_seed,
+)
+from prefl.training.ppo_update import PPOLoss, UpdateStats, ppo_update
 
-Estimator = Literal["gae", "rloo", "grpo", "reinforce_baseline"]
 
-
-class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
+class PPOModule(ReferenceModule):
     """PPO (or RLOO / GRPO / REINFORCE++-baseline) on ``prompts`` batches.
 
     Args:
@@ -126,29 +132,36 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
         max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__(model, tokenizer, optimizer, None, max_nonfinite_steps)
-        if advantage_estimator != "gae" and advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(
-                f"model.advantage_estimator={advantage_estimator!r}; expected gae "
-                f"or one of {sorted(ADVANTAGE_ESTIMATORS)}"
-            )
-        if advantage_estimator in ("rloo", "grpo") and num_samples < 2:
-            raise ValueError(f"model.num_samples must be >= 2 for {advantage_estimator}")
-        n_sources = len(reward_fns or []) + (reward_model is not None)
-        if n_sources == 0:
-            raise ValueError("PPO needs a reward: set model.reward_model and/or model.reward_fns")
-        if reward_weights is not None and len(reward_weights) != n_sources:
-            raise ValueError(
-                f"model.reward_weights has {len(reward_weights)} values for "
-                f"{n_sources} reward sources (reward model first, then functions)"
-            )
+        check_estimator(advantage_estimator, num_samples)
+        check_reward_sources(reward_model, reward_fns, reward_weights)
         self.automatic_optimization = False
         self.reference = None
-        self.cfg = {
-            k: v
-            for k, v in locals().items()
-            if k not in ("self", "__class__", "model", "tokenizer", "optimizer", "value_optimizer")
-        }
-        self.value_optimizer_factory = value_optimizer
+        # one typed attribute per argument (kl_coef, kl_target, kl_horizon: in the controller)
+        self.reward_model_path: str | None = reward_model
+        self.reward_fns: list[str] = list(reward_fns or [])
+        self.reward_weights: list[float] | None = reward_weights
+        self.normalize_reward: bool = normalize_reward
+        self.reward_clip: float | None = reward_clip
+        self.no_eos_score: float | None = no_eos_score
+        self.value_model_path: str | None = value_model
+        self.advantage_estimator: Estimator = advantage_estimator
+        self.num_samples: int = num_samples
+        self.temperature: float = temperature
+        self.max_new_tokens: int = max_new_tokens
+        self.kl_penalty: Literal["reward", "loss"] = kl_penalty
+        self.gamma: float = gamma
+        self.lam: float = lam
+        self.whiten_advantages: bool = whiten_advantages
+        self.ppo_epochs: int = ppo_epochs
+        self.mini_batch_size: int | None = mini_batch_size
+        self.micro_batch_size: int | None = micro_batch_size
+        self.clip_eps: float = clip_eps
+        self.value_clip_eps: float = value_clip_eps
+        self.max_grad_norm: float | None = max_grad_norm
+        self.value_optimizer_factory: OptimizerCallable = value_optimizer
+        self.log_samples_every: int = log_samples_every
+        self.seed: int = seed
+        self.offload_frozen: bool = offload_frozen
         self.kl_ctl = KLController(kl_coef, kl_target, kl_horizon)
         self.scorer: Scorer | None = None
         self.value_model: torch.nn.Module | None = None
@@ -157,33 +170,24 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
     @property
     def uses_critic(self) -> bool:
         """Whether the advantage estimator is GAE (with the value model)."""
-        return self.cfg["advantage_estimator"] == "gae"
+        return self.advantage_estimator == "gae"
 
     def build_models(self) -> None:
         """Build policy, reference, reward model(s) and, for GAE, the value model."""
         super().build_models()
         self.build_reference()
-        tokenizer, cfg = self.resolve_tokenizer(), self.cfg
-        reward_model = None
-        if cfg["reward_model"] is not None:
-            reward_model = RewardModel.from_pretrained(cfg["reward_model"])
-            for p in reward_model.parameters():
-                p.requires_grad_(False)
-            disable_dropout(reward_model)
-        fns = [resolve_reward_fn(name) for name in cfg["reward_fns"] or []]
-        weights = cfg["reward_weights"] or [1.0] * (len(fns) + (reward_model is not None))
-        same = reward_model is None or reward_model.tokenizer.get_vocab() == tokenizer.get_vocab()
-        self.scorer = Scorer(
-            reward_model,
-            fns,
-            weights,
-            cfg["normalize_reward"],
-            cfg["no_eos_score"],
-            cfg["reward_clip"],
-            same,
+        tokenizer = self.resolve_tokenizer()
+        self.scorer = build_scorer(
+            self.reward_model_path,
+            self.reward_fns,
+            self.reward_weights,
+            tokenizer,
+            normalize=self.normalize_reward,
+            no_eos_score=self.no_eos_score,
+            clip=self.reward_clip,
         )
         if self.uses_critic:
-            source = critic_spec(self.model_spec, cfg["value_model"] or cfg["reward_model"])
+            source = critic_spec(self.model_spec, self.value_model_path or self.reward_model_path)
             self.value_model = build_value_model(source, tokenizer)
             disable_dropout(self.value_model)
 
@@ -201,6 +205,22 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
             frozen["scorer.reward_model"] = self.scorer.reward_model
         return frozen
 
+    def offloadable_models(self) -> list[torch.nn.Module]:
+        """The frozen models that ``offload_frozen`` keeps on the CPU between rollouts: the
+        reference copy (none with LoRA) and the reward model."""
+        reward = self.scorer.reward_model if self.scorer is not None else None
+        return [m for m in (self.reference, reward) if m is not None]
+
+    def offload_frozen_models(self) -> None:
+        """Move :meth:`offloadable_models` to the CPU (when ``offload_frozen`` is set)."""
+        if self.offload_frozen:
+            offload(self.offloadable_models(), self.sharded)
+
+    def on_train_start(self) -> None:
+        """Offload the frozen models before the first rollout (Lightning moved them all)."""
+        super().on_train_start()
+        self.offload_frozen_models()
+
     def configure_optimizers(self) -> Any:
         """The policy optimizer and, for GAE, the value optimizer (its own learning rate)."""
         policy = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
@@ -211,65 +231,100 @@ class PPOModule(PPORolloutMixin, PPOUpdateMixin, ReferenceModule):
 
     def forward(self, responses: Responses) -> torch.Tensor:
         """Policy log-probs ``(N, R)`` of the responses (logits divided by the temperature)."""
-        return response_logprobs(self.model, responses, self.cfg["temperature"])[0]
+        return response_logprobs(self.model, responses, self.temperature)[0]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One rollout and its PPO update; logs design §5.12's quantities."""
-        seed = self.rollout_seed(batch_idx)
-        r = self.rollout(batch, seed)
-        stats = self.ppo_update(r, seed)
-        mask, weights = r["mask"], r["weights"]
-        sequence_kl, scores = r["kl"].sum(-1), r["scores"]
-        per_response = {
-            "ppo/score": scores["score"],
-            "ppo/score_raw": scores["raw"],
-            "ppo/reward": r["rewards"].sum(-1),
-            "ppo/kl": sequence_kl,
-            "ppo/response_length": r["responses"].response_mask.float().sum(-1),
-            "ppo/eos_rate": r["responses"].ended.float(),
-            **{f"ppo/score_{k}": v for k, v in scores.items() if k not in ("score", "raw")},
-        }
-        per_token = {"ppo/advantage_mean": r["advantages"]}
-        if self.uses_critic:
-            per_token["ppo/value_mean"] = r["values"]
-        # global means over every rank's real responses (or tokens), in one all-reduce
-        sums = [(v.float() * weights).sum() for v in per_response.values()]
-        sums += [(v * mask).sum() for v in per_token.values()] + [weights.sum(), mask.sum()]
-        *totals, real, tokens = self.trainer.strategy.reduce(torch.stack(sums), reduce_op="sum")
-        counts = [real] * len(per_response) + [tokens] * len(per_token)
-        names = [*per_response, *per_token]
-        exact = {k: t / c for k, t, c in zip(names, totals, counts, strict=True)}
-        per_rank = {
-            "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
-            **{f"ppo/{k}": torch.tensor(v) for k, v in stats.items()},
-        }
-        if self.uses_critic:
-            per_rank["ppo/explained_variance"] = explained_variance(r["values"], r["returns"], mask)
-        n = int(real)
+        seed = rollout_seed(self.seed, self.current_epoch, batch_idx, self.global_rank)
+        rollout = self.rollout(batch, seed)
+        stats = self.ppo_update(rollout, seed)
+        means, n = rollout_means(rollout, self._sum_over_ranks)
+        self._log_metrics(means, n, update_metrics(rollout, stats, self.kl_ctl.value))
+        self.kl_ctl.update(float(means["ppo/kl"]), n)
+        every = self.log_samples_every
+        if every and batch_idx % every == 0:
+            self._log_samples(rollout)
+
+    def rollout(self, batch: dict[str, Any], seed: int) -> Rollout:
+        """Sample, score and compute advantages for one batch of prompts (no gradients; with
+        ``offload_frozen`` the frozen models visit the accelerator for it)."""
+        frozen = self.offloadable_models() if self.offload_frozen else []
+        with on_device(frozen, self.device):
+            return collect_rollout(
+                batch,
+                seed,
+                policy=self.model,
+                reference=self.reference_context,
+                scorer=self.scorer,
+                value_model=self.value_model if self.uses_critic else None,
+                tokenizer=self.resolve_tokenizer(),
+                num_samples=self.num_samples,
+                temperature=self.temperature,
+                max_new_tokens=self.max_new_tokens,
+                kl_coef=self.kl_ctl.value if self.kl_penalty == "reward" else 0.0,
+                estimator=self.advantage_estimator,
+                gamma=self.gamma,
+                lam=self.lam,
+                whiten=self.whiten_advantages,
+            )
+
+    def ppo_update(self, rollout: Rollout, seed: int) -> UpdateStats:
+        """``ppo_epochs`` passes of shuffled minibatches over ``rollout``, every optimizer
+        stepping once per minibatch (:meth:`_step_optimizers`)."""
+        loss_fn = PPOLoss(
+            self.model,
+            self.value_model if self.uses_critic else None,
+            self.temperature,
+            self.clip_eps,
+            self.value_clip_eps,
+            self.kl_ctl.value if self.kl_penalty == "loss" else None,
+        )
+        return ppo_update(
+            rollout,
+            seed,
+            loss_fn,
+            backward=self.manual_backward,
+            step=self._step_optimizers,
+            reduce=self._sum_over_ranks,
+            world_size=self.trainer.world_size,
+            ppo_epochs=self.ppo_epochs,
+            mini_batch_size=self.mini_batch_size,
+            micro_batch_size=self.micro_batch_size,
+        )
+
+    def _step_optimizers(self) -> None:
+        """Clip the gradient norm (``max_grad_norm``), step and zero every optimizer once."""
+        optimizers = self.optimizers()
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            if self.max_grad_norm is not None:
+                self.clip_gradients(optimizer, self.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.update_steps += 1
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the data-parallel ranks (a collective)."""
+        return self.trainer.strategy.reduce(value, reduce_op="sum")
+
+    def _log_metrics(
+        self, means: dict[str, torch.Tensor], n: int, per_rank: dict[str, torch.Tensor]
+    ) -> None:
+        """Log the exact global ``means`` (over ``n`` real responses on all ranks) and the
+        ``per_rank`` values averaged over ranks (``sync_dist``)."""
         log = {"on_step": True, "on_epoch": False, "batch_size": n, "prog_bar": False}
-        self.log_dict({k: v.float() for k, v in exact.items()}, **log)
+        self.log_dict({k: v.float() for k, v in means.items()}, **log)
         # on the module's device: NCCL has no CPU backend for the sync_dist all-reduce
         self.log_dict(
             {k: v.float().to(self.device) for k, v in per_rank.items()}, sync_dist=True, **log
         )
-        self.log("ppo/score_step", exact["ppo/score"], prog_bar=True, batch_size=n)
-        self.kl_ctl.update(float(exact["ppo/kl"]), n)
-        every = self.cfg["log_samples_every"]
-        if every and batch_idx % every == 0:
-            self._log_samples(r)
+        self.log("ppo/score_step", means["ppo/score"], prog_bar=True, batch_size=n)
 
-    def _log_samples(self, r: dict[str, Any], rows: int = 8) -> None:
+    def _log_samples(self, rollout: Rollout) -> None:
         """A markdown table of prompts, responses and scores to TensorBoard."""
-        lines = ["| prompt | response | score |", "|---|---|---|"]
-        scores = r["scores"]["score"].tolist()
-        for prompt, completion, score in list(
-            zip(r["prompts"], r["completions"], scores, strict=True)
-        )[:rows]:
-            clean = [t.replace("|", "\\|").replace("\n", " ") for t in (prompt, completion)]
-            lines.append(f"| {clean[0]} | {clean[1]} | {score:+.3f} |")
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("ppo/samples", "\n".join(lines), self.update_steps)
+                table = rollout.markdown()
+                logger.experiment.add_text("ppo/samples", table, self.update_steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also save the KL controller, the update counter and the RNG states."""

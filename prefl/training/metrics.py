@@ -139,10 +139,24 @@ def global_means(
     Returns:
         name -> ``sum(value · weight) / sum(weight)`` over every rank (0 where no weight).
     """
+    return global_sums(values, reduce)[0]
+
+
+def global_sums(
+    values: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`global_means` and, from the same single reduction, each name's total weight over
+    every rank (e.g. the number of real responses, for ``batch_size`` and a KL controller).
+
+    Returns:
+        ``(means, weights)``: name -> the weighted mean, and name -> ``sum(weight)`` over ranks.
+    """
     sums = [(v.float() * w).sum() for v, w in values.values()]
     sums += [w.float().sum() for _, w in values.values()]
     totals = torch.stack(sums)
     if reduce is not None:
         totals = reduce(totals)
     n = len(values)
-    return {name: totals[i] / totals[n + i].clamp(min=1e-12) for i, name in enumerate(values)}
+    means = {name: totals[i] / totals[n + i].clamp(min=1e-12) for i, name in enumerate(values)}
+    return means, {name: totals[n + i] for i, name in enumerate(values)}

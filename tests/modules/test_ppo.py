@@ -153,14 +153,14 @@ def test_first_update_has_ratio_one_and_zero_kl(sft_dir, batch, tmp_path):
     module = make(sft_dir, temperature=0.7)
     module.train()
     r = module.rollout(batch, seed=1)
-    assert torch.equal(r["logprobs"], r["ref_logprobs"])
-    assert torch.equal(r["kl"], torch.zeros_like(r["kl"]))
-    assert 0 < r["responses"].ended.sum() < len(r["completions"])  # mixed lengths
+    assert torch.equal(r.logprobs, r.ref_logprobs)
+    assert torch.equal(r.kl, torch.zeros_like(r.kl))
+    assert 0 < r.responses.ended.sum() < len(r.completions)  # mixed lengths
     idx = torch.tensor([5, 0, 3])
-    logprobs, _ = response_logprobs(module.model, r["responses"].select(idx), 0.7)
-    torch.testing.assert_close(logprobs, r["logprobs"][idx], rtol=0, atol=1e-5)
-    mask = r["mask"][idx].bool()
-    ratio = torch.exp(logprobs - r["logprobs"][idx])[mask]
+    logprobs, _ = response_logprobs(module.model, r.responses.select(idx), 0.7)
+    torch.testing.assert_close(logprobs, r.logprobs[idx], rtol=0, atol=1e-5)
+    mask = r.mask[idx].bool()
+    ratio = torch.exp(logprobs - r.logprobs[idx])[mask]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
 
     t = fit(make(sft_dir, temperature=0.7), tmp_path)
@@ -238,26 +238,26 @@ def test_rollout_is_consistent(rollouts):
     ``score - β·Σkl`` (§5.6); the reward model's part is ``(rm - 0.5) / 2``; unfinished rows
     score -1; advantages have masked mean 0 and biased variance 1; everything is 0 on padding."""
     r = rollouts()
-    mask = r["mask"]
-    assert torch.equal(mask, r["responses"].response_mask.float())
-    ended = r["responses"].ended
+    mask = r.mask
+    assert torch.equal(mask, r.responses.response_mask.float())
+    ended = r.responses.ended
     assert 0 < ended.sum() < len(ended)
-    torch.testing.assert_close(r["kl"], (r["logprobs"] - r["ref_logprobs"]) * mask)
-    assert r["kl"].abs().sum() > 0.1  # the policy was moved
-    score = r["scores"]["score"]
-    torch.testing.assert_close(r["rewards"].sum(-1), score - 0.05 * r["kl"].sum(-1))
+    torch.testing.assert_close(r.kl, (r.logprobs - r.ref_logprobs) * mask)
+    assert r.kl.abs().sum() > 0.1  # the policy was moved
+    score = r.scores["score"]
+    torch.testing.assert_close(r.rewards.sum(-1), score - 0.05 * r.kl.sum(-1))
     assert (score[~ended] == -1.0).all()
-    torch.testing.assert_close(score[ended], r["scores"]["raw"][ended])
-    raw = r["scores"]["raw"]
-    torch.testing.assert_close(raw, r["scores"]["reward_model"] + r["scores"]["fn0"])
+    torch.testing.assert_close(score[ended], r.scores["raw"][ended])
+    raw = r.scores["raw"]
+    torch.testing.assert_close(raw, r.scores["reward_model"] + r.scores["fn0"])
     valid = mask.bool()
     for key in ("rewards", "advantages", "values", "returns", "logprobs", "kl"):
-        assert (r[key][~valid] == 0).all(), key
-    assert abs(masked_mean(r["advantages"], mask).item()) < 1e-6
-    assert masked_var(r["advantages"], mask, unbiased=False).item() == pytest.approx(1, abs=1e-5)
+        assert (getattr(r, key)[~valid] == 0).all(), key
+    assert abs(masked_mean(r.advantages, mask).item()) < 1e-6
+    assert masked_var(r.advantages, mask, unbiased=False).item() == pytest.approx(1, abs=1e-5)
     unwhitened = rollouts(whiten_advantages=False)
     torch.testing.assert_close(
-        unwhitened["returns"], (unwhitened["advantages"] + unwhitened["values"]) * mask
+        unwhitened.returns, (unwhitened.advantages + unwhitened.values) * mask
     )
 
 
@@ -278,7 +278,7 @@ def test_rollout_is_consistent(rollouts):
 def test_every_rollout_flag_changes_the_rollout(rollouts, kwargs, key):
     """Same seed, one setting changed: the named output differs from the baseline's."""
     base, changed = rollouts(), rollouts(**kwargs)
-    get = (lambda r: r["scores"]["score"]) if key == "score" else (lambda r: r[key])
+    get = (lambda r: r.scores["score"]) if key == "score" else (lambda r: getattr(r, key))
     assert get(base).shape == get(changed).shape
     assert (get(base) - get(changed)).abs().max() > 1e-4
 
@@ -290,14 +290,14 @@ def test_rollout_flags_by_hand(rollouts):
     the raw score of unfinished rows."""
     base = rollouts()
     loss = rollouts(kl_penalty="loss")
-    torch.testing.assert_close(loss["rewards"].sum(-1), loss["scores"]["score"])
-    torch.testing.assert_close(loss["kl"], base["kl"])
-    raw = rollouts(normalize_reward=False)["scores"]["reward_model"]
-    torch.testing.assert_close(base["scores"]["reward_model"], (raw - 0.5) / 2.0)
-    clipped = rollouts(reward_clip=0.2)["scores"]["score"]
-    torch.testing.assert_close(clipped, base["scores"]["score"].clamp(-0.2, 0.2))
-    kept = rollouts(no_eos_score=None)["scores"]["score"]
-    torch.testing.assert_close(kept, base["scores"]["raw"])
+    torch.testing.assert_close(loss.rewards.sum(-1), loss.scores["score"])
+    torch.testing.assert_close(loss.kl, base.kl)
+    raw = rollouts(normalize_reward=False).scores["reward_model"]
+    torch.testing.assert_close(base.scores["reward_model"], (raw - 0.5) / 2.0)
+    clipped = rollouts(reward_clip=0.2).scores["score"]
+    torch.testing.assert_close(clipped, base.scores["score"].clamp(-0.2, 0.2))
+    kept = rollouts(no_eos_score=None).scores["score"]
+    torch.testing.assert_close(kept, base.scores["raw"])
 
 
 def test_advantage_estimators_differ(rollouts):
@@ -311,21 +311,21 @@ def test_advantage_estimators_differ(rollouts):
     names = list(results)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            diff = (results[a]["advantages"] - results[b]["advantages"]).abs().max()
+            diff = (results[a].advantages - results[b].advantages).abs().max()
             assert diff > 1e-4, (a, b)
     r = results["rloo"]
-    assert r["values"] is None and r["returns"] is None
-    returns = r["rewards"].sum(-1).view(-1, 2)
+    assert r.values is None and r.returns is None
+    returns = r.rewards.sum(-1).view(-1, 2)
     expected = torch.stack([returns[:, 0] - returns[:, 1], returns[:, 1] - returns[:, 0]], -1)
-    torch.testing.assert_close(r["advantages"], expected.reshape(-1, 1) * r["mask"])
+    torch.testing.assert_close(r.advantages, expected.reshape(-1, 1) * r.mask)
 
 
 def test_num_samples_sets_the_rollout_size(rollouts, batch):
     r2, r3 = rollouts(), rollouts(num_samples=3)
-    assert len(r2["completions"]) == 8 and len(r3["completions"]) == 12
+    assert len(r2.completions) == 8 and len(r3.completions) == 12
     expected = batch["prompt_input_ids"].repeat_interleave(3, dim=0)
-    assert torch.equal(r3["responses"].query_ids, expected)
-    assert r3["prompts"] == [p for p in batch["prompt"] for _ in range(3)]
+    assert torch.equal(r3.responses.query_ids, expected)
+    assert r3.prompts == [p for p in batch["prompt"] for _ in range(3)]
 
 
 UPDATE_BASE = dict(moved=True, ppo_epochs=2, mini_batch_size=4)

@@ -67,9 +67,9 @@ SCRIPT = textwrap.dedent(
             r = self.rollouts[-1]
             row = {
                 "rank": trainer.global_rank,
-                "prompts": r["prompts"],
-                "completions": r["completions"],
-                "score": r["scores"]["score"].mean().item(),
+                "prompts": r.prompts,
+                "completions": r.completions,
+                "score": r.scores["score"].mean().item(),
             }
             with open(self.out / f"rank{trainer.global_rank}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefl.training.metrics import StageMetrics, global_means
+from prefl.training.metrics import StageMetrics, global_means, global_sums
 
 
 def test_stage_metrics_weigh_rows_and_skip_padding_repeats():
@@ -103,3 +103,12 @@ def test_log_epoch_derives_logs_once_and_resets():
     assert all(kw == dict(prog_bar=True, sync_dist=True) for _, _, kw in module.calls)
     metrics.update("val", {"loss": torch.tensor(8.0)})
     assert metrics.compute("val")["loss"].item() == pytest.approx(8.0)
+
+
+def test_global_sums_give_the_total_weights_from_the_same_reduction():
+    """Weights (1, 1, 0) and, on a second identical rank, the same: totals 2 and 4."""
+    values = {"score": (torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, 1.0, 0.0]))}
+    for reduce, total in ((None, 2.0), (lambda t: 2 * t, 4.0)):
+        means, weights = global_sums(values, reduce)
+        assert means["score"].item() == pytest.approx(1.5)
+        assert weights["score"].item() == total
