@@ -101,56 +101,39 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     stages = summary["stages"]
-    optimum = summary.get("optimum")
-    if optimum:
-        curve = optimum["frontier"]
-        ax.plot(
-            [p["kl"] for p in curve],
-            [p["reward"] for p in curve],
-            "-",
-            color="black",
-            lw=1.5,
-            label="optimum: max E[r] − β·KL (exact)",
-        )
-        bon = optimum["best_of_n"]
-        ax.plot(
-            [p["kl"] for p in bon],
-            [p["reward"] for p in bon],
-            "x--",
-            color="gray",
-            label="best-of-n from the generator (KL bound)",
-        )
+
+    def curve(points: list[dict[str, float]], style: str, **kwargs: Any) -> None:
+        if points:
+            ax.plot([p["kl"] for p in points], [p["reward"] for p in points], style, **kwargs)
+
+    optimum = summary.get("optimum") or {}
+    curve(
+        optimum.get("frontier", []),
+        "-",
+        color="black",
+        lw=1.5,
+        label="optimum: max E[r] − β·KL (exact)",
+    )
+    bon_label = "best-of-n from the generator (KL bound)"
+    curve(optimum.get("best_of_n", []), "x--", color="gray", label=bon_label)
     ax.scatter([0.0], [stages["sft"]["reward"]], color="black", zorder=3, label="SFT")
     colors = {"dpo": "tab:blue", "ppo": "tab:orange"}
     for method, color in colors.items():
+        name = method.upper()
         points = summary["frontier"].get(method, [])
-        if points:
-            ax.plot(
-                [p["kl"] for p in points],
-                [p["reward"] for p in points],
-                "o:",
-                color=color,
-                alpha=0.6,
-                label=f"{method.upper()} during training",
-            )
+        curve(points, "o:", color=color, alpha=0.6, label=f"{name} during training")
+        final = stages[method]
         ax.scatter(
-            [stages[method]["kl"]],
-            [stages[method]["reward"]],
+            [final["kl"]],
+            [final["reward"]],
             marker="*",
             s=180,
             color=color,
             zorder=4,
-            label=f"{method.upper()} final",
+            label=f"{name} final",
         )
         sweep = sorted(summary.get("sweep", {}).get(method, []), key=lambda p: p["kl"])
-        if sweep:
-            ax.plot(
-                [p["kl"] for p in sweep],
-                [p["reward"] for p in sweep],
-                "s-",
-                color=color,
-                label=f"{method.upper()} sweep",
-            )
+        curve(sweep, "s-", color=color, label=f"{name} sweep")
     ax.set_xlim(left=-0.2, right=max(6.0, *(p["kl"] + 0.5 for p in stages.values())))
     ax.set_xlabel("KL(policy ‖ SFT), nats per completion")
     ax.set_ylabel("mean oracle reward (held-out prompts)")

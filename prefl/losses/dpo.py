@@ -19,18 +19,6 @@ from torch import Tensor
 
 from prefl.losses.dpo_variants import DPO_LOSSES, REFERENCE_FREE, PairLogps, sft
 
-__all__ = [
-    "DPO_LOSSES",
-    "REFERENCE_FREE",
-    "DPOLoss",
-    "DPOSettings",
-    "DPOSettingsError",
-    "PairLogps",
-    "dpo_loss",
-    "dpo_loss_terms",
-    "implicit_rewards",
-]
-
 
 class DPOSettingsError(ValueError):
     """An invalid :class:`DPOSettings` field.

@@ -29,6 +29,15 @@ if TYPE_CHECKING:
     from prefl.losses.dpo import DPOSettings
 
 
+#: :class:`PairLogps`' short names of the :class:`~prefl.losses.dpo.DPOSettings` fields
+_SETTING_NAMES = {
+    "beta": "beta",
+    "eps": "label_smoothing",
+    "gamma": "simpo_gamma",
+    "tau": "discopop_tau",
+}
+
+
 @dataclass(frozen=True)
 class PairLogps:
     """The inputs of one loss evaluation (see the module docstring for the notation), with the
@@ -42,25 +51,12 @@ class PairLogps:
     nr: Tensor | None
     settings: DPOSettings
 
-    @property
-    def beta(self) -> float:
-        """β (``settings.beta``)."""
-        return self.settings.beta
-
-    @property
-    def eps(self) -> float:
-        """ε (``settings.label_smoothing``)."""
-        return self.settings.label_smoothing
-
-    @property
-    def gamma(self) -> float:
-        """SimPO's γ (``settings.simpo_gamma``)."""
-        return self.settings.simpo_gamma
-
-    @property
-    def tau(self) -> float:
-        """DiscoPOP's τ (``settings.discopop_tau``)."""
-        return self.settings.discopop_tau
+    def __getattr__(self, name: str) -> float:
+        """The loss formulas' short names for settings fields: ``beta`` (β), ``eps``
+        (``label_smoothing``, ε), ``gamma`` (``simpo_gamma``, γ), ``tau`` (``discopop_tau``, τ)."""
+        if name in _SETTING_NAMES:
+            return getattr(self.settings, _SETTING_NAMES[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def cl(self) -> Tensor:
