@@ -112,8 +112,11 @@ class StageMetrics(torch.nn.Module):
             sync_dist: Passed to ``log_dict`` (the means are already reduced over ranks).
 
         Returns:
-            The logged values by name (without the stage prefix).
+            The logged values by name (without the stage prefix); nothing (and nothing logged)
+            when the stage saw no batch this epoch (e.g. an empty validation split).
         """
+        if all(self.means[_key(stage, name)].update_count == 0 for name in self.names):
+            return {}
         means = self.compute(stage)
         out = means if derive is None else derive(means)
         module.log_dict(

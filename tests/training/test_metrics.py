@@ -112,3 +112,24 @@ def test_global_sums_give_the_total_weights_from_the_same_reduction():
         means, weights = global_sums(values, reduce)
         assert means["score"].item() == pytest.approx(1.5)
         assert weights["score"].item() == total
+
+
+def test_log_epoch_of_a_stage_without_batches_logs_nothing():
+    """No batch in the epoch (an empty validation split): nothing is computed or logged, so
+    torchmetrics' "compute before update" warning never fires."""
+    import warnings
+
+    logged = []
+
+    class Module:
+        def log_dict(self, values, **kwargs):
+            logged.append(values)
+
+    metrics = StageMetrics(["loss"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metrics.log_epoch(Module(), "val") == {}
+    assert logged == []
+    metrics.update("val", {"loss": torch.tensor(2.0)})
+    assert metrics.log_epoch(Module(), "val") == {"loss": torch.tensor(2.0)}
+    assert logged == [{"val/loss": torch.tensor(2.0)}]
