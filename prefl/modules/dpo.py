@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefl.functional import global_weighted_mean
 from prefl.functional.selected import masked_sequence_logps
-from prefl.losses.dpo import DPOSettings, DPOSettingsError, dpo_loss, dpo_loss_terms
+from prefl.losses.dpo import DPOSettings, DPOSettingsError, dpo_loss_terms, implicit_rewards
 from prefl.models import CausalLMSpec, disable_dropout, is_lora
 from prefl.modules.reference import ReferenceModule
 from prefl.training.metrics import StageMetrics
@@ -180,22 +180,22 @@ class DPOModule(ReferenceModule):
             "rejected_lengths": policy["rejected_lengths"],
             "settings": self.settings,
         }
-        out = dpo_loss(*logps, **kwargs)
+        # one evaluation gives the loss and, for mixtures or an NLL term, its breakdown
+        terms = dpo_loss_terms(*logps, **kwargs)
+        losses = terms["total"]
+        chosen_r, rejected_r = implicit_rewards(*logps, self.settings.beta)
         weights = batch.get("sample_weight")  # data-parallel padding repeats weigh 0
-        loss = global_weighted_mean(out.losses, weights)
+        loss = global_weighted_mean(losses, weights)
         values = {
-            "loss": out.losses,
-            "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards,
-            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "loss": losses,
+            "rewards/chosen": chosen_r,
+            "rewards/rejected": rejected_r,
+            "rewards/margins": chosen_r - rejected_r,
+            "rewards/accuracies": (chosen_r > rejected_r).float(),
             "logps/chosen": policy["chosen_logps"],
             "logps/rejected": policy["rejected_logps"],
+            **{f"loss/{name}": terms[name] for name in self.settings.term_names},
         }
-        if self.settings.term_names:  # the breakdown of a mixture or an NLL term, for the logs
-            with torch.no_grad():
-                terms = dpo_loss_terms(*logps, **kwargs)
-            values.update({f"loss/{name}": terms[name] for name in self.settings.term_names})
         self.metrics.update(stage, values, weights)
         self.metrics.log(
             self,
