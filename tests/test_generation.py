@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prefl.callbacks import EvalCallback, SampleReport
+from prefl.data.prompts import as_user_turns, encode_prompt_list
 from prefl.generation.sample import Samples, completion_mask, sample_completions
 from prefl.models import CausalLMSpec, build_causal_lm
 
@@ -85,6 +87,21 @@ def test_shapes_and_order(model, tok):
     n = len(PROMPTS) * 3
     assert len(out.completions) == len(out.ended) == len(out.lengths) == n
     assert all(1 <= length <= 5 for length in out.lengths)
+
+
+def test_conversations_are_asked_in_the_chat_template(model, tok):
+    """A conversation prompt is sampled from its chat-template ids (generation prompt included)
+    and reported as its rendered text; ``chat=True`` on the callbacks asks texts that way."""
+    chats = as_user_turns(PROMPTS[:2])
+    texts, ids = encode_prompt_list(tok, chats)
+    out = sample_completions(model, tok, chats, max_new_tokens=3, batch_size=2)
+    assert out.prompt_ids == ids and out.prompts == texts
+    assert all(t.startswith("<bos><|user|> ") and t.endswith("<|assistant|> ") for t in texts)
+    plain = sample_completions(model, tok, PROMPTS[:2], max_new_tokens=3, batch_size=2)
+    assert plain.prompt_ids != ids
+    for callback in (SampleReport, EvalCallback):
+        assert callback(prompts=PROMPTS[:2], chat=True).prompts == chats
+        assert callback(prompts=PROMPTS[:2]).prompts == PROMPTS[:2]
 
 
 def test_same_seed_same_completions_different_seed_different(model, tok):

@@ -13,16 +13,19 @@ from __future__ import annotations
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from prefl.callbacks.samples import runs_on_this_rank
+from prefl.data.prompts import resolve_prompts
 from prefl.generation.evaluate import evaluate
 from prefl.generation.rewards import resolve_reward_fn
-from prefl.tasks import toy
 
 
 class EvalCallback(Callback):
     """Evaluate the policy against its reference every ``every_n_steps`` and after ``fit``.
 
     Args:
-        prompts: ``"toy"`` (the toy task's held-out prompts) or a list of prompt texts.
+        prompts: ``"toy"`` (the toy task's held-out prompts) or a list of prompts: texts, or
+            conversations (``{"role", "content"}`` message lists, asked in the chat template).
+        chat: Ask each text prompt as one user turn in the tokenizer's chat template (with its
+            generation prompt), as an instruct model expects; False asks the bare text.
         reward: ``"toy"`` (the oracle) or ``"package.module:function"``.
         every_n_steps: Evaluate every this many training batches; 0 = only after ``fit``.
         num_samples: Completions per prompt.
@@ -35,7 +38,8 @@ class EvalCallback(Callback):
 
     def __init__(
         self,
-        prompts: str | list[str] = "toy",
+        prompts: str | list[str | list[dict[str, str]]] = "toy",
+        chat: bool = False,
         reward: str = "toy",
         every_n_steps: int = 0,
         num_samples: int = 4,
@@ -43,7 +47,7 @@ class EvalCallback(Callback):
         temperature: float = 1.0,
         seed: int = 0,
     ) -> None:
-        self.prompts = toy.split_prompts()[1] if prompts == "toy" else list(prompts)
+        self.prompts = resolve_prompts(prompts, chat)
         self.reward_fn = resolve_reward_fn(reward)
         self.every_n_steps, self.num_samples = every_n_steps, num_samples
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
+from prefl.data.prompts import resolve_prompts
 from prefl.generation.rewards import resolve_reward_fn
 from prefl.generation.sample import Samples, sample_completions, score_samples
 from prefl.tasks import toy
@@ -24,7 +25,10 @@ class SampleReport(Callback):
     """Sample completions for held-out prompts after ``fit`` and report EOS rate and reward.
 
     Args:
-        prompts: ``"toy"`` (the toy task's held-out prompts) or a list of prompt texts.
+        prompts: ``"toy"`` (the toy task's held-out prompts) or a list of prompts: texts, or
+            conversations (``{"role", "content"}`` message lists, asked in the chat template).
+        chat: Ask each text prompt as one user turn in the tokenizer's chat template (with its
+            generation prompt), as an instruct model expects; False asks the bare text.
         num_samples: Completions per prompt.
         max_new_tokens: Most tokens per completion.
         temperature: Sampling temperature: samples come from exactly
@@ -43,7 +47,8 @@ class SampleReport(Callback):
 
     def __init__(
         self,
-        prompts: str | list[str] = "toy",
+        prompts: str | list[str | list[dict[str, str]]] = "toy",
+        chat: bool = False,
         num_samples: int = 8,
         max_new_tokens: int = 16,
         temperature: float = 1.0,
@@ -54,7 +59,7 @@ class SampleReport(Callback):
         num_texts: int = 4,
         compare_reference: bool = False,
     ) -> None:
-        self.prompts = toy.split_prompts()[1] if prompts == "toy" else list(prompts)
+        self.prompts = resolve_prompts(prompts, chat)
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
         self.temperature, self.batch_size, self.seed = temperature, batch_size, seed
         self.reward_fn = resolve_reward_fn(reward) if reward else None

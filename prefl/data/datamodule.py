@@ -81,7 +81,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         messages_column: Column holding a whole conversation (SFT, conversational).
         margin_column: Optional numeric column passed through as ``margin`` when present.
         train_split: Name of the training split.
-        val_split: Name of the validation split, used when the dataset has it.
+        val_split: Name of the validation split, used when the dataset has it; None = no
+            validation (nothing is tokenized for it, nothing carved).
         test_split: Name of the test split (also used by ``predict``).
         val_fraction: When the dataset has no ``val_split``, carve this fraction of the
             training rows into a validation split (seeded); 0 = no validation.
@@ -119,7 +120,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         messages_column: str = "messages",
         margin_column: str = "margin",
         train_split: str = "train",
-        val_split: str = "validation",
+        val_split: str | None = "validation",
         test_split: str = "test",
         val_fraction: float = 0.0,
         subset: float | None = None,
@@ -142,6 +143,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         self.save_hyperparameters(ignore=[k for k, v in objects.items() if not isinstance(v, str)])
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if val_split is None and val_fraction > 0:
+            raise ValueError(f"val_fraction={val_fraction} needs a val_split name, got None")
         if subset is not None and not 0.0 < subset <= 1.0:
             raise ValueError(f"subset must be in (0, 1], got {subset}")
         if max_samples is not None and max_samples < 1:
@@ -177,6 +180,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             "test": [h.test_split],
             "predict": [h.test_split],
         }.get(stage or "", [h.train_split, h.val_split, h.test_split])
+        wanted = [split for split in wanted if split is not None]
         raw = self.splits()
         if stage == "fit" and h.train_split not in raw:
             raise ValueError(

@@ -78,6 +78,18 @@ def truncate_prompt(
     return ids[len(ids) - limit :], True
 
 
+def kept_bos(tokenizer: Any) -> int | None:
+    """The BOS id that a left cut keeps at a prompt's front, or None.
+
+    Only a tokenizer that puts a BOS before every text (``add_special_tokens``) has one to keep: a
+    model was trained to see it first. Where BOS is only a token of the chat template (SmolLM2's
+    BOS is ``<|im_start|>``, which opens every turn), keeping it would leave a turn marker in
+    front of a text cut mid-turn, so a cut is a plain left cut.
+    """
+    prefix = bos_prefix(tokenizer)
+    return prefix[0] if prefix and prefix[0] == tokenizer.bos_token_id else None
+
+
 def fit_completion(prompt_len: int, ids: list[int], max_length: int) -> tuple[list[int], bool]:
     """Cut ``ids`` from the right so that prompt + completion <= ``max_length``."""
     room = max_length - prompt_len
@@ -174,12 +186,13 @@ def tokenize_batch(
         column = _text_column(err.part, mode, row_format, columns, rows[err.row])
         raise RowError(split, indices[err.row], column, str(err)) from err
     out: dict[str, list] = {"prompt_ids": [], "truncated": [], "drop_reason": []}
+    bos_id = kept_bos(tokenizer)
     names = {"pairs": ["chosen_ids", "rejected_ids"], "sft": ["completion_ids"], "prompts": []}
     for name in names[mode]:
         out[name] = []
     for i, t in enumerate(texts):
         prompt, completions = encoded.prompts[i], encoded.completions[i]
-        result = tokenize_row(prompt, completions, limits, tokenizer.bos_token_id)
+        result = tokenize_row(prompt, completions, limits, bos_id)
         if mode == "pairs" and t.chosen == t.rejected:
             result["drop_reason"] = "identical"
         elif any(not text.strip() for text in completion_texts[i]):

@@ -1,9 +1,10 @@
 """Tokenizer loading, and the offline word-level tokenizer of the toy task.
 
-Every stage takes its tokenizer through :func:`load_tokenizer`, which guarantees the invariant the
-rest of prefl relies on: a PAD token that is *distinct* from EOS. A tokenizer with no pad token (or
-one that aliases EOS, a common trick that silently stops models from learning to end) gets a new
-``<|pad|>`` token; the model loaders then grow the embedding matrix to match.
+Every stage takes its tokenizer through :func:`load_tokenizer`. Its one rule: a tokenizer keeps
+its vocabulary. One without a PAD token gets its EOS as PAD (no token is added, no embedding is
+resized); one whose PAD already equals EOS (most instruct checkpoints) is left as it is. prefl
+tells padding from a real EOS by the attention and loss masks, never by id (see
+docs/data.md). The toy tokenizer has a PAD of its own, distinct from EOS.
 """
 
 from __future__ import annotations

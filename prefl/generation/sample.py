@@ -28,7 +28,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from prefl.data.collate import pad
-from prefl.data.tokenize import encode_prompts
+from prefl.data.prompts import Prompt, encode_prompt_list
 from prefl.functional.selected import masked_sequence_logps
 from prefl.models.sharding import gathered_params
 
@@ -38,11 +38,11 @@ class Samples:
     """Completions sampled for a list of prompts (one entry per prompt and sample).
 
     Attributes:
-        prompts: The prompt text of each completion.
+        prompts: The prompt text of each completion (a conversation as its rendered chat text).
         completions: The decoded completion texts (special tokens removed).
         ended: Whether each completion emitted EOS before ``max_new_tokens`` ran out.
         lengths: Completion lengths in tokens, EOS included.
-        prompt_ids: Token ids of each prompt (BOS included).
+        prompt_ids: Token ids of each prompt (with the BOS that the tokenizer or template writes).
         completion_ids: Token ids of each completion, up to and including the first EOS.
     """
 
@@ -193,7 +193,7 @@ def generate_sampled(
 def sample_completions(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     max_new_tokens: int,
     temperature: float = 1.0,
     num_samples: int = 1,
@@ -206,7 +206,10 @@ def sample_completions(
         model: A Hugging Face causal LM (eval mode is set for the call and restored after).
         tokenizer: Its tokenizer (PAD distinct from EOS).
         prompts: Prompt texts, tokenized as data rows' prompts are (BOS, then the text as text:
-            special-token strings stay text; :func:`prefl.data.tokenize.encode_prompts`).
+            special-token strings stay text), or conversations (message lists, rendered by the
+            chat template with its generation prompt); see
+            :func:`prefl.data.prompts.encode_prompt_list`. ``Samples.prompts`` holds each as a
+            text (a conversation as its rendered chat text).
         max_new_tokens: Most tokens per completion.
         temperature: Sampling temperature (> 0). Samples come from exactly
             ``softmax(logits / temperature)`` (no top-k / top-p or other processor, whatever
@@ -225,7 +228,7 @@ def sample_completions(
         torch.manual_seed(seed)
         for start in range(0, len(expanded), batch_size):
             chunk = expanded[start : start + batch_size]
-            ids = encode_prompts(tokenizer, chunk)  # BOS + text (special strings stay text)
+            texts, ids = encode_prompt_list(tokenizer, chunk)  # special strings stay text
             length = max(len(i) for i in ids)
             input_ids = pad(ids, tokenizer.pad_token_id, length, left=True).to(device)
             attention = pad([[1] * len(i) for i in ids], 0, length, left=True).to(device)
@@ -242,7 +245,7 @@ def sample_completions(
             for i, (row, row_mask) in enumerate(zip(generated, mask, strict=True)):
                 n = int(row_mask.sum())
                 tokens = row[:n].tolist()
-                out.prompts.append(chunk[i])
+                out.prompts.append(texts[i])
                 out.prompt_ids.append(ids[i])
                 out.completion_ids.append(tokens)
                 out.completions.append(tokenizer.decode(tokens, skip_special_tokens=True))

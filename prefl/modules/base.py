@@ -163,13 +163,18 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The injected optimizer over trainable parameters, with the optional scheduler."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(self.optimizer_params())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def optimizer_params(self) -> list[Any]:
+        """What the optimizer factory is given: the trainable parameters (a module may return
+        parameter groups instead, as :class:`~prefl.modules.reward.RewardModule` does for
+        ``head_lr``)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def optimizer_step(
         self,

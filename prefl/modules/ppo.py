@@ -17,6 +17,7 @@ holds the models, the settings (one attribute per argument), the optimizers and 
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -136,6 +137,10 @@ class PPOModule(ReferenceModule):
         check_reward_sources(reward_model, reward_fns, reward_weights)
         self.automatic_optimization = False
         self.reference = None
+        # PPO learns from prompts and is evaluated by sampling (EvalCallback, SampleReport), not
+        # by a validation loop; the data module defines val_dataloader for every module, so
+        # Lightning's "val_dataloader but no validation_step" would be prefl's doing.
+        warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no")
         # one typed attribute per argument (kl_coef, kl_target, kl_horizon: in the controller)
         self.reward_model_path: str | None = reward_model
         self.reward_fns: list[str] = list(reward_fns or [])

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from prefl.functional import global_weighted_mean
 from prefl.losses import bradley_terry_loss, reward_accuracy
 from prefl.models import CausalLMSpec, disable_dropout
-from prefl.models.reward import RewardModel, build_reward_model
+from prefl.models.reward import RewardModel, build_reward_model, reward_head
 from prefl.models.sharding import full_state_dict
 from prefl.modules.base import CausalLMModule
 from prefl.training.metrics import StageMetrics
@@ -48,7 +48,13 @@ class RewardModule(CausalLMModule):
         disable_dropout: Turn the backbone's dropout off (the default, as in TRL's reward
             trainer): chosen and rejected are then compared under the same function, not under
             two independent dropout masks. False keeps the checkpoint's dropout rates.
-        optimizer: Builds the optimizer from the trainable parameters.
+        head_lr: Learning rate of the scalar head; None = the optimizer's, like the backbone's.
+            A new head starts random, and at a fine-tuning learning rate (1e-5 to 1e-4) AdamW
+            moves each of its weights by about that much a step, so in a short run it barely
+            moves and only the backbone learns: a head rate 10-100x the backbone's helps (see
+            docs/reward-model.md). Other per-group settings come from the optimizer.
+        optimizer: Builds the optimizer from the trainable parameters (two parameter groups,
+            backbone then head, when ``head_lr`` is set).
         lr_scheduler: Builds the scheduler; default linear warmup (10%) then cosine decay.
         max_nonfinite_steps: Consecutive optimizer steps with a NaN/inf loss or gradient that
             are skipped before the run stops (see :mod:`prefl.training.guard`).
@@ -60,6 +66,7 @@ class RewardModule(CausalLMModule):
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         center_rewards_coefficient: float = 0.0,
         disable_dropout: bool = True,
+        head_lr: float | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         max_nonfinite_steps: int = 10,
@@ -67,6 +74,9 @@ class RewardModule(CausalLMModule):
         super().__init__(model, tokenizer, optimizer, lr_scheduler, max_nonfinite_steps)
         self.center_rewards_coefficient = center_rewards_coefficient
         self.disable_dropout = disable_dropout
+        if head_lr is not None and not head_lr > 0:
+            raise ValueError(f"head_lr must be > 0 or None, got {head_lr}")
+        self.head_lr = head_lr
         self.reward_stats: dict[str, float] | None = None
         self.metrics = StageMetrics(_STATS)
 
@@ -76,6 +86,19 @@ class RewardModule(CausalLMModule):
         self.model = RewardModel(build_reward_model(self.model_spec, tokenizer), tokenizer)
         if self.disable_dropout:
             disable_dropout(self.model)
+
+    def optimizer_params(self) -> list[Any]:
+        """The trainable parameters; with ``head_lr``, two groups: the backbone (the optimizer's
+        learning rate) and the scalar head (``head_lr``)."""
+        params = super().optimizer_params()
+        if self.head_lr is None:
+            return params
+        head = {id(p) for p in reward_head(self.model.model).parameters()}
+        rest = [p for p in params if id(p) not in head]
+        return [
+            {"params": rest},
+            {"params": [p for p in params if id(p) in head], "lr": self.head_lr},
+        ]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards ``(B,)`` of the chosen and the rejected completions, in one forward."""

@@ -405,6 +405,22 @@ def test_own_validation_split_is_used():
     assert dm.stats["train"]["read"] == 10 and dm.stats["validation"]["read"] == 3
 
 
+def test_val_split_none_means_no_validation():
+    """``val_split=None`` ignores a validation split that the dataset has: nothing of it is
+    tokenized and there are no validation batches (PPO's prompts need none)."""
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(numbered_pairs(10)),
+            "validation": datasets.Dataset.from_list(PAIRS),
+        }
+    )
+    dm = PreferenceDataModule(dd, val_split=None)
+    dm.setup("fit")
+    assert set(dm.datasets) == {"train"} and dm.val_dataloader() == []
+    with pytest.raises(ValueError, match=re.escape("val_fraction=0.1 needs a val_split name")):
+        PreferenceDataModule(dd, val_split=None, val_fraction=0.1)
+
+
 def test_renamed_splits():
     dd = datasets.DatasetDict(
         {"tr": datasets.Dataset.from_list(PAIRS), "dev": datasets.Dataset.from_list(PAIRS[:1])}

@@ -6,11 +6,13 @@ non-chat prompts); word ids are looked up with ``convert_tokens_to_ids`` (see ``
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
 import torch
 from offline_tokenizers import tokenize_rows
+from tokenizers import processors
 
 from prefl.data.boundary import end_with_eos, strip_after_eos
 from prefl.data.collate import PreferenceCollator, pad, padded_length
@@ -220,6 +222,28 @@ def test_prompt_cut_from_left_keeps_bos(tok):
     assert out["truncated"] == [True] and out["drop_reason"] == [""]
     assert rows_of(b["input_ids"]) == [[BOS, *ids(tok, "movie was good"), EOS]]
     assert rows_of(b["loss_mask"]) == [[0, 0, 0, 1, 1]]
+
+
+def test_chat_prompt_cut_keeps_bos_only_where_the_tokenizer_adds_one(tok):
+    """A chat prompt cut from the left keeps a BOS that the tokenizer puts before every text (the
+    toy tokenizer's post-processor); where BOS is only a token of the chat template (SmolLM2's
+    ``<|im_start|>``), the cut is a plain left cut."""
+    row = {
+        "prompt": [{"role": "user", "content": P1}],
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
+    turn_end = [EOS, tok.convert_tokens_to_ids("<|assistant|>")]
+    out, _ = run(tok, "pairs", [row], "conversational", max_prompt_length=3)
+    assert out["prompt_ids"] == [[BOS, *turn_end]]
+    template_bos = copy.deepcopy(tok)
+    template_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A", pair="$A $B"
+    )
+    out, _ = run(template_bos, "pairs", [row], "conversational", max_prompt_length=3)
+    assert out["prompt_ids"] == [[*ids(tok, "was"), *turn_end]]
+    full, _ = run(template_bos, "pairs", [row], "conversational")
+    assert full["prompt_ids"][0][0] == BOS  # the template still writes it when nothing is cut
 
 
 def test_truncate_prompt_unit():

@@ -9,7 +9,7 @@ import warnings
 import torch
 from lightning.pytorch import Trainer
 
-from prefl import DPOModule, PreferenceDataModule
+from prefl import DPOModule, PPOModule, PreferenceDataModule
 
 
 def _fit(tmp_path, sft_dir, extra_eval_module: bool) -> list[str]:
@@ -44,3 +44,41 @@ def test_a_dpo_run_in_bf16_mixed_has_neither_warning(tmp_path, sft_dir):
 def test_a_module_prefl_did_not_freeze_still_warns(tmp_path, sft_dir):
     messages = _fit(tmp_path, sft_dir, extra_eval_module=True)
     assert [m for m in messages if "in eval mode at the start of training" in m]
+
+
+def _ppo_fit_messages(tmp_path, sft_dir, keep_prefl_filters: bool) -> list[str]:
+    """Messages of one PPO rollout on toy prompts (whose data has a validation split); with
+    ``keep_prefl_filters`` False the filters that PPOModule installed are reset before ``fit``."""
+    data = PreferenceDataModule(mode="prompts", max_length=32, batch_size=2, max_samples=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = PPOModule(
+            sft_dir,
+            tokenizer="toy",
+            reward_fns=["toy"],
+            max_new_tokens=4,
+            num_samples=2,
+            advantage_estimator="rloo",
+            log_samples_every=0,
+        )
+        if not keep_prefl_filters:
+            warnings.resetwarnings()
+            warnings.simplefilter("always")
+        trainer = Trainer(
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, datamodule=data)
+    return [str(w.message) for w in caught]
+
+
+def test_ppo_has_no_validation_loop_warning(tmp_path, sft_dir):
+    """PPO validates nothing (it is evaluated by sampling), so Lightning's "val_dataloader but
+    no validation_step" is silenced; without PPOModule's filter the same fit shows it."""
+    unwanted = "You passed in a `val_dataloader` but have no `validation_step`"
+    assert not [m for m in _ppo_fit_messages(tmp_path, sft_dir, True) if unwanted in m]
+    assert [m for m in _ppo_fit_messages(tmp_path, sft_dir, False) if unwanted in m]

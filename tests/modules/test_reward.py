@@ -21,6 +21,7 @@ from transformers import AutoModelForSequenceClassification
 
 from prefl import CausalLMSpec, HFExport, PreferenceDataModule, RewardModule, RewardWriter
 from prefl.data import load_tokenizer
+from prefl.losses import bradley_terry_loss
 from prefl.models import LoraSpec
 from prefl.models.reward import STATS_FILE, RewardModel, reward_head
 from prefl.tasks import toy
@@ -333,3 +334,33 @@ def test_no_validation_split_warns_and_keeps_no_stats(sft_dir, tmp_path):
     out = module.export(tmp_path / "export")
     assert not (out / STATS_FILE).exists()
     assert RewardModel.from_pretrained(out).stats is None
+
+
+def test_head_lr_trains_the_head_at_its_own_rate(sft_dir):
+    """``head_lr`` puts the scalar head in a parameter group of its own: with the backbone's rate
+    0, one SGD step moves the head by ``head_lr`` times its gradient and leaves the backbone as
+    it was; without ``head_lr`` the head stays where it started too."""
+    dm = data(n=8)
+    dm.setup("fit")
+    batch = next(iter(in_order(dm)))
+    for head_lr in (None, 0.5):
+        seed_everything(0)
+        module = RewardModule(
+            sft_dir, dm.tokenizer, optimizer=sgd(0.0), lr_scheduler=None, head_lr=head_lr
+        )
+        module.configure_model()
+        optimizer = module.configure_optimizers()
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs == ([0.0] if head_lr is None else [0.0, 0.5])
+        head = reward_head(module.model.model).weight
+        embeddings = module.model.model.get_input_embeddings().weight
+        head_before, embeddings_before = head.detach().clone(), embeddings.detach().clone()
+        chosen, rejected = module(batch)
+        bradley_terry_loss(chosen, rejected).mean().backward()
+        step = 0.5 * head.grad if head_lr else torch.zeros_like(head)
+        assert step.abs().max() > 1e-4 or not head_lr
+        optimizer.step()
+        torch.testing.assert_close(head.detach(), head_before - step, rtol=0, atol=1e-7)
+        assert torch.equal(embeddings.detach(), embeddings_before)
+    with pytest.raises(ValueError, match="head_lr must be > 0 or None, got 0"):
+        RewardModule(sft_dir, head_lr=0)
