@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from smollm2_support import VOCAB
 
+from prefl import SampleReport
 from prefl.cli import PreflCLI, build_cli
 
 pytestmark = pytest.mark.slow
@@ -73,6 +74,9 @@ def test_cpu_config_instantiates_offline(config, smollm2_gguf, smollm2_dir, hh_p
     assert cli.model.tokenizer is None or cli.model.tokenizer is tokenizer
     assert cli.model.model_spec.name_or_path == str(smollm2_gguf)
     assert cli.trainer.precision == "bf16-mixed"
+    reports = [c for c in cli.trainer.callbacks if isinstance(c, SampleReport)]
+    if config.stem.startswith("dpo"):  # the DPO configs ask their prompts in chat format
+        assert reports and all(isinstance(p, list) for p in reports[0].prompts)
 
 
 def test_dpo_config_reads_the_local_hh_split_in_chat_format(smollm2_gguf, hh_path):

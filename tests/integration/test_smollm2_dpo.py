@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 from smollm2_support import (
+    PROMPTS,
     StepLosses,
     adamw,
     assert_vocabulary_kept,
@@ -24,7 +25,7 @@ from smollm2_support import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prefl import DPOModule, HFExport
+from prefl import DPOModule, HFExport, SampleReport
 from prefl.models import CausalLMSpec, LoraSpec
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,8 @@ def test_dpo_raises_held_out_accuracy_and_exports_a_plain_model(smollm2_dir, hh_
 
 
 def test_lora_dpo_exports_merged_adapters(smollm2_dir, hh_pairs, tmp_path):
-    """LoRA DPO (r 8, all linear layers, lr 1e-3) for 2 steps; the export is a plain checkpoint
+    """LoRA DPO (r 8, all linear layers, lr 1e-3) for 2 steps, with a chat-format
+    ``SampleReport`` against the reference; the export is a plain checkpoint
     of the original vocabulary whose logits equal the adapted model's (float32, within 1e-3:
     the merge adds ``B @ A * alpha / r`` to each weight, the adapters compute it on the side)
     and differ from the base model's (the adapters trained)."""
@@ -87,9 +89,19 @@ def test_lora_dpo_exports_merged_adapters(smollm2_dir, hh_pairs, tmp_path):
     spec = CausalLMSpec(name_or_path=str(smollm2_dir), lora=LoraSpec(r=8, alpha=16))
     dpo = DPOModule(spec, beta=0.1, optimizer=adamw(1e-3))
     export = tmp_path / "dpo_lora"
-    trainer = cpu_trainer(max_steps=2, limit_val_batches=0, callbacks=[HFExport(str(export))])
+    report = SampleReport(
+        PROMPTS, chat=True, reward=None, num_samples=1, max_new_tokens=8, compare_reference=True
+    )
+    callbacks = [HFExport(str(export)), report]
+    trainer = cpu_trainer(max_steps=2, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(dpo, datamodule=data)
     assert dpo.reference is None  # the reference is the network with its adapters disabled
+    # SampleReport asked each prompt as a user turn in SmolLM2's template (its system prompt
+    # first), and the policy answered (8 tokens each) after two small steps from the reference
+    assert report.results["mean_length"] > 0 and abs(report.results["kl"]) < 5.0
+    asked = report.sample(dpo.model, data.tokenizer).prompts
+    assert all(p.startswith("<|im_start|>system\n") for p in asked)
+    assert all(p.endswith("<|im_start|>assistant\n") for p in asked)
 
     merged = AutoModelForCausalLM.from_pretrained(export).eval()
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
