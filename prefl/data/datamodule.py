@@ -90,7 +90,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         max_samples: Keep at most this many rows of every split (the first ones), for quick runs.
         seed: Seed of the validation carve, of ``subset`` and of the toy data.
         max_length: Most tokens of prompt + completion; completions are cut from the right.
-        max_prompt_length: Most prompt tokens; prompts are cut from the left (BOS kept).
+        max_prompt_length: Most prompt tokens; prompts are cut from the left (keeping a BOS
+            that the tokenizer puts before every text).
         batch_size: Training batch size (pairs: number of pairs).
         eval_batch_size: Validation/test/predict batch size; defaults to ``batch_size``.
         num_workers: DataLoader worker processes.

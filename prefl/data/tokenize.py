@@ -7,8 +7,9 @@ are the ids that follow the prompt when ``prompt + completion`` is tokenized as 
 (:mod:`prefl.data.boundary`); a row whose tokens merge across that boundary is flagged in a
 ``boundary_merged`` column so that it is counted. Completions end with EOS exactly once (it is
 appended unless the template wrote it). Prompts are cut from the left to ``max_prompt_length``
-(keeping a leading BOS), completions from the right so that prompt + completion fits
-``max_length``. A truncated completion keeps no EOS: it did not end.
+(keeping a leading BOS that the tokenizer adds, see :func:`kept_bos`), completions from the
+right so that prompt + completion fits ``max_length``. A truncated completion keeps no EOS: it
+did not end.
 
 Rows are never dropped here: each gets a ``drop_reason`` (``""`` when kept) so that the data
 module can count reasons before it filters. Reasons: ``identical`` (chosen == rejected text),
