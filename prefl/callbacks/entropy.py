@@ -16,7 +16,9 @@ import math
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
 
+from prefl.data.collate import PreferenceCollator
 from prefl.functional import next_token_targets, token_logps
 from prefl.tasks import toy
 from prefl.tasks.toy_optimum import entropy_per_token
@@ -47,7 +49,9 @@ class EntropyReport(Callback):
         model.eval()
         model_nll, model_tokens = 0.0, 0
         device = next(model.parameters()).device
-        for batch in datamodule.val_dataloader():
+        # padded rows whatever the data module's layout (packing changes only the layout)
+        padded = PreferenceCollator(tokenizer.pad_token_id, "sft")
+        for batch in DataLoader(split, batch_size=64, collate_fn=padded):
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits
             labels, loss_mask = next_token_targets(ids, batch["loss_mask"].to(device))

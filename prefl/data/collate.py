@@ -12,7 +12,11 @@ Batch keys (keep them stable, every module reads them):
   generation; plus ``prompt`` (the prompt texts, a list of ``B`` strings) for reward functions.
 
 Masks are 1 on real tokens (attention) or on completion tokens (loss) and 0 elsewhere; padding
-uses the tokenizer's PAD id, which is never EOS.
+uses the tokenizer's PAD id (which may be EOS: the masks tell them apart).
+
+With ``packing`` or ``share_prompt``, ``pairs`` and ``sft`` batches have the padding-free layout of
+:mod:`prefl.data.packing` instead (keys :data:`~prefl.data.packing.PACKED_KEYS`, plus the same
+per-row passthrough columns).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from prefl.data.packing import first_fit, lay_out, packed_units
 
 #: Per-row float columns passed through as ``(B,)`` tensors when the dataset has them: the
 #: margin, reference log-probs precomputed by ``DPOModule(precompute_ref_logps=True)``, and the
@@ -52,21 +58,43 @@ class PreferenceCollator:
     """Turn a list of tokenized examples into a padded batch for one data-module ``mode``.
 
     Args:
-        pad_token_id: The PAD id (distinct from EOS).
+        pad_token_id: The PAD id (it may equal EOS).
         mode: ``pairs``, ``sft`` or ``prompts``.
         pad_to_multiple_of: Round the padded length up to this multiple (e.g. 8 for tensor
             cores); a length that is already a multiple is kept.
+        packing: Lay the batch's sequences (or shared pairs) end to end in rows of at most
+            ``row_length`` tokens (``pairs`` and ``sft``; see :mod:`prefl.data.packing`).
+        share_prompt: Lay each pair out once as ``prompt | chosen | rejected`` (``pairs``).
+        row_length: Most tokens of a packed row; a longer unit gets a row of its own. Needed
+            with ``packing``.
     """
 
-    def __init__(self, pad_token_id: int, mode: str, pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        mode: str,
+        pad_to_multiple_of: int | None = None,
+        packing: bool = False,
+        share_prompt: bool = False,
+        row_length: int | None = None,
+    ):
         if mode not in ("pairs", "sft", "prompts"):
             raise ValueError(f"unknown mode {mode!r}; expected pairs, sft or prompts")
+        if packing and mode == "prompts":
+            raise ValueError("packing: prompts are left-padded for generation, not packed")
+        if share_prompt and mode != "pairs":
+            raise ValueError(f"share_prompt: only pairs share a prompt, not mode {mode!r}")
+        if packing and (row_length is None or row_length < 2):
+            raise ValueError(f"packing needs a row_length >= 2, got {row_length}")
         self.pad_token_id, self.mode, self.multiple = pad_token_id, mode, pad_to_multiple_of
+        self.packing, self.share_prompt, self.row_length = packing, share_prompt, row_length
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """Collate ``examples`` (rows of the tokenized dataset) into a batch."""
         if self.mode == "prompts":
             batch = self._prompts(examples)
+        elif self.packing or self.share_prompt:
+            batch = self._packed(examples)
         elif self.mode == "sft":
             batch = self._sequences(examples, "completion_ids", "")
         else:
@@ -74,6 +102,20 @@ class PreferenceCollator:
         for key in PASSTHROUGH:
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        return batch
+
+    def _packed(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        units = packed_units(examples, self.mode, self.share_prompt)
+        lengths = [len(u.tokens) for u in units]
+        if self.packing:
+            rows = first_fit(lengths, self.row_length)
+        else:  # shared pairs, one per row
+            rows = [[i] for i in range(len(units))]
+        length = padded_length([sum(lengths[i] for i in row) for row in rows], self.multiple)
+        batch = lay_out(units, self.pad_token_id, rows, length)
+        if self.mode == "pairs":  # chosen i is sequence i, rejected i is sequence B + i
+            n = len(examples)
+            batch["pair_sequences"] = torch.stack([torch.arange(n), torch.arange(n, 2 * n)], 1)
         return batch
 
     def _pairs(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

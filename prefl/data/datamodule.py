@@ -100,6 +100,16 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         group_by_length: Training batches of similar lengths, for less padding: each epoch's
             seeded shuffle is cut into windows of 50 batches (per rank) sorted longest first
             (:func:`prefl.data.sampling.group_by_length`); off = the plain shuffle.
+        packing: Padding-free batches (``pairs``, ``sft``): the sequences of a batch laid end
+            to end in rows of at most ``packing_length`` tokens, positions restarting at each,
+            attention never crossing one (:mod:`prefl.data.packing`). The same rows form each
+            batch as without packing; only their layout changes.
+        share_prompt: Lay each pair out once as ``prompt | chosen | rejected`` (``pairs``): the
+            prompt is computed once, and the rejected tokens see only the prompt and
+            themselves. With or without ``packing``.
+        packing_length: Most tokens per packed row; None = ``max_length`` (twice that with
+            ``share_prompt``, whose units hold two completions). A longer unit gets a row of
+            its own.
         error_on_drop: Raise instead of dropping rows (identical pairs, rows that cannot fit,
             HH transcripts that do not parse).
         trust_remote_code: Allow a hub tokenizer's own code to run (off by default).
@@ -135,6 +145,9 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         num_proc: int | None = None,
         pad_to_multiple_of: int | None = None,
         group_by_length: bool = False,
+        packing: bool = False,
+        share_prompt: bool = False,
+        packing_length: int | None = None,
         error_on_drop: bool = False,
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
@@ -164,7 +177,10 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             margin_column,
         )
         self.limits = Limits(max_length, max_prompt_length)
-        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, mode, pad_to_multiple_of)
+        row_length = packing_length or max_length * (2 if share_prompt else 1)
+        self.collator = PreferenceCollator(
+            self.tokenizer.pad_token_id, mode, pad_to_multiple_of, packing, share_prompt, row_length
+        )
         self.datasets: dict[str, datasets.Dataset] = {}
         self.stats: dict[str, dict[str, Any]] = {}
 

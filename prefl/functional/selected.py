@@ -129,3 +129,73 @@ def masked_sequence_logps(
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(mask.shape[0], dtype=logps.dtype, device=logps.device)
     return sums.index_add(0, rows, logps), mask.sum(-1)
+
+
+def indexed_logits(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor | None], index: torch.Tensor
+) -> torch.Tensor:
+    """Logits ``(N, V)`` at the ``N`` flat positions ``index`` of the model's ``(R, L)`` input.
+
+    Equal to ``model(**inputs).logits.flatten(0, 1)[index]``, but the output projection sees only
+    those rows; an index may repeat (a packed, prompt-shared pair predicts both completions'
+    first tokens at the prompt's last position).
+
+    Args:
+        model: A causal LM.
+        inputs: Its keyword inputs: ``input_ids`` ``(R, L)`` and whatever else the layout needs
+            (``position_ids``, a 4D ``attention_mask``; see
+            :func:`prefl.models.packed.packed_model_inputs`).
+        index: ``(N,)`` flat positions ``row * L + column``.
+    """
+    shape = inputs["input_ids"].shape
+    head = output_head(model)
+    if head is None:
+        return model(**inputs, use_cache=False).logits.flatten(0, 1)[index]
+    seen: list[bool] = []
+
+    def keep_rows(module: torch.nn.Module, args: tuple) -> tuple | None:
+        if seen or not args or args[0].shape[:2] != shape:
+            return None  # a second call, a keyword call or sliced hidden states: leave them
+        seen.append(True)
+        return (args[0].flatten(0, 1)[index].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_rows)
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+    return logits.squeeze(0) if seen else logits.flatten(0, 1)[index]
+
+
+def indexed_sequence_logps(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor | None],
+    target_index: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_sequence: torch.Tensor,
+    num_sequences: int,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of target log-probs in a packed layout (:mod:`prefl.data.packing`).
+
+    ``sums[s] = sum over n with target_sequence[n] == s of log p(target_ids[n])`` under the logits
+    at ``target_index[n]``; the projection sees only those ``N`` positions.
+
+    Args:
+        model: A causal LM.
+        inputs: Its keyword inputs for the packed ``(R, L)`` rows.
+        target_index: ``(N,)`` flat positions whose logits predict each target.
+        target_ids: ``(N,)`` the target tokens.
+        target_sequence: ``(N,)`` the sequence (``0..num_sequences-1``) each target belongs to.
+        num_sequences: ``S``.
+        chunk_size: Rows per chunk of the log-softmax (see :func:`prefl.functional.token_logps`).
+
+    Returns:
+        ``(sums, lengths)``: ``(S,)`` float32 log-prob sums and ``(S,)`` target counts.
+    """
+    logits = indexed_logits(model, inputs, target_index).unsqueeze(0)
+    ones = torch.ones(1, logits.shape[1], dtype=torch.bool, device=logits.device)
+    logps = token_logps(logits, target_ids.unsqueeze(0), ones, chunk_size=chunk_size)[0]
+    sums = torch.zeros(num_sequences, dtype=logps.dtype, device=logps.device)
+    lengths = torch.bincount(target_sequence, minlength=num_sequences)
+    return sums.index_add(0, target_sequence, logps), lengths

@@ -28,6 +28,7 @@ from prefl.data.collate import pad
 from prefl.data.tokenizers import gguf_source, load_tokenizer
 from prefl.models.causal_lm import CausalLMSpec, build_hf_model
 from prefl.models.lora import is_lora, merge_lora
+from prefl.models.packed import packed_model_inputs
 
 STATS_FILE = "reward_stats.json"
 
@@ -174,6 +175,21 @@ class RewardModel(torch.nn.Module):
                 input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs
             )
         return out.logits[:, 0].float()
+
+    def packed(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Rewards ``(S,)`` of the sequences of a packed batch (:mod:`prefl.data.packing`), each
+        read at its last token (``last_index``); the classifier's own forward runs (sharding
+        hooks included) and its head's per-position output is read there."""
+        inputs = packed_model_inputs(self.model, batch)
+        outputs: list[torch.Tensor] = []
+        handle = reward_head(self.model).register_forward_hook(
+            lambda module, args, out: outputs.append(out)
+        )
+        try:
+            self.model(**inputs, use_cache=False)
+        finally:
+            handle.remove()
+        return outputs[0].flatten(0, 1)[batch["last_index"], 0].float()
 
     @torch.no_grad()
     def score(

@@ -26,10 +26,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from prefl.data.packing import is_packed
 from prefl.functional import global_weighted_mean
 from prefl.functional.selected import masked_sequence_logps
 from prefl.losses.dpo import DPOSettings, DPOSettingsError, dpo_loss_terms, implicit_rewards
 from prefl.models import CausalLMSpec, disable_dropout, is_lora
+from prefl.models.packed import packed_sequence_logps
 from prefl.modules.reference import ReferenceModule
 from prefl.training.metrics import StageMetrics
 from prefl.training.schedules import WarmupCosineLR
@@ -141,12 +143,17 @@ class DPOModule(ReferenceModule):
 
     @staticmethod
     def _pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
-        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-        attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-        loss_mask = torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
         # the LM head projects only the completion positions (see prefl.functional.selected)
-        logps, lengths = masked_sequence_logps(model, ids, attention, loss_mask)
-        n = batch["chosen_input_ids"].shape[0]
+        if is_packed(batch):  # padding-free (and prompt-shared) rows, see prefl.data.packing
+            logps, lengths = packed_sequence_logps(model, batch)
+        else:
+            ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+            attention = torch.cat(
+                [batch["chosen_attention_mask"], batch["rejected_attention_mask"]]
+            )
+            loss_mask = torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+            logps, lengths = masked_sequence_logps(model, ids, attention, loss_mask)
+        n = logps.shape[0] // 2
         return {
             "chosen_logps": logps[:n],
             "rejected_logps": logps[n:],
@@ -202,7 +209,7 @@ class DPOModule(ReferenceModule):
             stage,
             on_step=stage == "train",
             prog_bar=("loss", "rewards/accuracies"),
-            batch_size=batch["chosen_input_ids"].shape[0],
+            batch_size=policy["chosen_logps"].shape[0],
         )
         return loss
 

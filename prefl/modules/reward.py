@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import PreTrainedTokenizerBase
 
+from prefl.data.packing import is_packed
 from prefl.functional import global_weighted_mean
 from prefl.losses import bradley_terry_loss, reward_accuracy
 from prefl.models import CausalLMSpec, disable_dropout
@@ -101,11 +102,15 @@ class RewardModule(CausalLMModule):
         ]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards ``(B,)`` of the chosen and the rejected completions, in one forward."""
-        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-        mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-        rewards = self.model(ids, mask)
-        n = batch["chosen_input_ids"].shape[0]
+        """Rewards ``(B,)`` of the chosen and the rejected completions, in one forward (padded
+        rows, or the padding-free layouts of :mod:`prefl.data.packing`)."""
+        if is_packed(batch):
+            rewards = self.model.packed(batch)
+        else:
+            ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+            mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+            rewards = self.model(ids, mask)
+        n = rewards.shape[0] // 2
         return rewards[:n], rewards[n:]
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -203,9 +208,11 @@ class RewardModule(CausalLMModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, list]:
         """Per-row rewards: ``chosen_reward`` / ``rejected_reward`` for ``pairs`` batches,
         ``reward`` for ``sft`` batches (prompt + completion)."""
-        if "chosen_input_ids" in batch:
+        if "chosen_input_ids" in batch or "pair_sequences" in batch:
             chosen, rejected = self(batch)
             return {"chosen_reward": chosen.tolist(), "rejected_reward": rejected.tolist()}
+        if is_packed(batch):
+            return {"reward": self.model.packed(batch).tolist()}
         return {"reward": self.model(batch["input_ids"], batch["attention_mask"]).tolist()}
 
     def export(self, dirpath: str | Path) -> Path:

@@ -20,10 +20,12 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedTokenizerBase
 
+from prefl.data.packing import is_packed
 from prefl.functional import next_token_targets
 from prefl.functional.selected import scored_tokens
 from prefl.losses import sft_loss
 from prefl.models import CausalLMSpec
+from prefl.models.packed import packed_scored_tokens
 from prefl.modules.base import CausalLMModule
 from prefl.training.accumulation import TokenMeanWindow
 from prefl.training.metrics import StageMetrics
@@ -62,12 +64,18 @@ class SFTModule(CausalLMModule):
         self, batch: dict[str, torch.Tensor], stage: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the stage's metrics; returns this rank's token-NLL sum and token count."""
-        labels, mask = next_token_targets(batch["input_ids"], batch["loss_mask"])
-        if "sample_weight" in batch:  # data-parallel padding repeats: no tokens
-            mask = mask & (batch["sample_weight"][:, None] > 0)
-        # the LM head projects only the scored positions: (N, V) logits for N target tokens
-        ids, attention = batch["input_ids"], batch["attention_mask"]
-        loss, n_tokens, correct = sft_loss(*scored_tokens(self.model, ids, attention, labels, mask))
+        # the LM head projects only the scored positions: (N, V) logits for N target tokens;
+        # data-parallel padding repeats (sample_weight 0) contribute no tokens
+        weights = batch.get("sample_weight")
+        if is_packed(batch):  # padding-free rows, see prefl.data.packing
+            scored = packed_scored_tokens(self.model, batch, weights)
+        else:
+            labels, mask = next_token_targets(batch["input_ids"], batch["loss_mask"])
+            if weights is not None:
+                mask = mask & (weights[:, None] > 0)
+            ids, attention = batch["input_ids"], batch["attention_mask"]
+            scored = scored_tokens(self.model, ids, attention, labels, mask)
+        loss, n_tokens, correct = sft_loss(*scored)
         weight = n_tokens.float()
         accuracy = correct.float() / weight.clamp(min=1)
         self.metrics.update(stage, {"loss": loss, "token_accuracy": accuracy}, weight)
