@@ -81,6 +81,8 @@ SCRIPT = textwrap.dedent(
         "dpo_even": ("dpo", "pairs8", 1),
         "dpo_uneven_grouped": ("dpo", "pairs7", 1),  # group_by_length=True (name suffix)
         "reward_uneven": ("reward", "pairs7", 1),
+        "dpo_uneven_packed": ("dpo", "pairs7", 1),  # packing + share_prompt (name suffix)
+        "reward_uneven_packed": ("reward", "pairs7", 1),
         "ppo_uneven": ("ppo", "prompts5", 2),
     }
     #: batch size per rank: one process takes the whole training set in one batch
@@ -227,6 +229,8 @@ SCRIPT = textwrap.dedent(
             max_prompt_length=16,
             cache_dir=str(Path(data_root) / "cache"),
             group_by_length=name.endswith("_grouped"),
+            packing=name.endswith("_packed"),
+            share_prompt=name.endswith("_packed"),
         )
         memory = Memory()
         trainer = Trainer(
@@ -392,6 +396,18 @@ def test_reward_uneven_split_matches_one_process(runs):
     keys = {"val/loss", "val/accuracy", "val/margin", "val/reward_mean", "val/reward_std"}
     assert keys <= set(single["metrics"])
     assert {"train/loss", "train/accuracy", "train/reward_mean"} <= set(single["metrics"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpo_uneven_packed", "reward_uneven_packed"])
+def test_packed_shared_layout_matches_one_process(runs, name):
+    """Packed, prompt-shared batches: each rank packs its own rows, the padding repeat (weight 0)
+    among them; loss, gradient and metrics stay the one-process ones, and equal the padded
+    run's (the same rows, another layout)."""
+    single, _ = check_pair_run(runs, name, n_train=7, n_val=5)
+    (padded,) = load_run(runs["single"], name.removesuffix("_packed"), 1)
+    assert single["losses"] == pytest.approx(padded["losses"], rel=1e-5)
+    assert_same_gradient(single["grads"][0], padded["grads"][0], f"{name} vs padded")
 
 
 #: PPO quantities logged as exact global means (per-response ones, and token means taken over
