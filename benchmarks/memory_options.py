@@ -207,7 +207,7 @@ def option_checks(name: str, module: Any, data: Any, trainer: Trainer) -> dict[s
         "lora": is_lora(module.model),
         "trainable_params": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
         "precision": str(trainer.precision),
-        "gradient_checkpointing": bool(getattr(module.model, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": bool(getattr(module.model, "is_activation_checkpointing", False)),
         "naive_logps_calls": naive_token_logps.calls,
     }
     if CONFIGS[name][0] == "dpo":

@@ -148,7 +148,13 @@ def build_hf_model(
         model = auto_class.from_config(config, dtype=dtype or torch.float32, **common)
     align_with_tokenizer(model, tokenizer)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # the older name, deprecated since
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model.config.use_cache = False
     if spec.lora is not None:
         model = apply_lora(model, spec.lora, task_type=lora_task)

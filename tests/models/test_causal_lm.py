@@ -263,8 +263,8 @@ def loss_and_grads(model):
 def test_gradient_checkpointing_same_loss_and_grads(tok):
     plain = toy_model(tok, seed=2)
     ckpt = toy_model(tok, seed=2, gradient_checkpointing=True)
-    assert not plain.is_gradient_checkpointing
-    assert ckpt.is_gradient_checkpointing
+    assert not plain.is_activation_checkpointing
+    assert ckpt.is_activation_checkpointing
     assert plain.config.use_cache is True and ckpt.config.use_cache is False
     loss_a, grads_a = loss_and_grads(plain)
     loss_b, grads_b = loss_and_grads(ckpt)
