@@ -161,10 +161,23 @@ class RewardModel(torch.nn.Module):
         """The wrapped model's config."""
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        read_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Rewards ``(B,)`` of ``input_ids`` ``(B, T)``, padded left or right (mask 1 = real),
         read at each row's last real token by the mask, also where PAD is EOS
-        (:func:`mask_pooled`)."""
+        (:func:`mask_pooled`).
+
+        With ``read_at`` (packed rows, see :meth:`packed`): ``attention_mask`` is the layout's
+        mask (4D, or None), ``position_ids`` its positions, and the rewards ``(S,)`` are the
+        head's outputs at the flat positions ``read_at`` ``(S,)``.
+        """
+        if read_at is not None:
+            return self._read_at(input_ids, attention_mask, position_ids, read_at)
         kwargs = {}
         if not bool(attention_mask[:, 0].all()):  # left padding: positions follow the mask
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -176,20 +189,41 @@ class RewardModel(torch.nn.Module):
             )
         return out.logits[:, 0].float()
 
-    def packed(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Rewards ``(S,)`` of the sequences of a packed batch (:mod:`prefl.data.packing`), each
-        read at its last token (``last_index``); the classifier's own forward runs (sharding
-        hooks included) and its head's per-position output is read there."""
-        inputs = packed_model_inputs(self.model, batch)
+    def _read_at(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        read_at: torch.Tensor,
+    ) -> torch.Tensor:
+        """The head's per-position outputs at ``read_at``: the classifier's own forward runs
+        (its pooling, which packed rows do not fit, is ignored)."""
         outputs: list[torch.Tensor] = []
         handle = reward_head(self.model).register_forward_hook(
             lambda module, args, out: outputs.append(out)
         )
         try:
-            self.model(**inputs, use_cache=False)
+            self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
         finally:
             handle.remove()
-        return outputs[0].flatten(0, 1)[batch["last_index"], 0].float()
+        return outputs[0].flatten(0, 1)[read_at, 0].float()
+
+    def packed(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Rewards ``(S,)`` of the sequences of a packed batch (:mod:`prefl.data.packing`), each
+        read at its last token (``last_index``), through this module's ``forward`` (so that a
+        sharded model's hooks run)."""
+        inputs = packed_model_inputs(self.model, batch)
+        return self(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["position_ids"],
+            read_at=batch["last_index"],
+        )
 
     @torch.no_grad()
     def score(

@@ -162,3 +162,19 @@ def test_an_attention_that_cannot_take_the_layout_says_so(model):
             packed_model_inputs(model, packed)
     finally:
         model.config._attn_implementation = impl
+
+
+@pytest.mark.parametrize(
+    ("mode", "layout"), [("pairs", LAYOUTS["packed_shared"]), ("sft", SFT_LAYOUTS["packed"])]
+)
+def test_reward_predict_reads_packed_batches(mode, layout, sft_dir):
+    """``predict_step`` gives the padded batch's per-row rewards, pairs and single completions."""
+    seed_everything(0)
+    module = RewardModule(sft_dir, "toy")
+    module.configure_model()
+    with torch.no_grad():
+        want = module.predict_step(first_batch(data(mode)), 0)
+        got = module.predict_step(first_batch(data(mode, **layout)), 0)
+    assert set(got) == set(want) and len(next(iter(got.values()))) == 8
+    for key, values in want.items():
+        assert got[key] == pytest.approx(values, rel=1e-5, abs=1e-6)

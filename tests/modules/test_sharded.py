@@ -85,6 +85,8 @@ SCRIPT = textwrap.dedent(
 
 
     def build(kind, sft):
+        if kind.endswith("_packed"):  # the same module on packed, prompt-shared batches
+            return build(kind.removesuffix("_packed"), sft)
         if kind == "dpo":
             return DPOModule(sft), "pairs"
         if kind == "dpo_trdpo":  # the reference moves: alpha * policy + (1 - alpha) * ref
@@ -110,8 +112,10 @@ SCRIPT = textwrap.dedent(
         READS.clear()
         out.mkdir(parents=True, exist_ok=True)
         module, mode = build(kind, sft)
+        packed = kind.endswith("_packed")
         data = PreferenceDataModule(
-            mode=mode, max_samples=16, batch_size=2, max_length=48, max_prompt_length=16
+            mode=mode, max_samples=16, batch_size=2, max_length=48, max_prompt_length=16,
+            packing=packed, share_prompt=packed,
         )
         strategy = ModelParallelStrategy(2, 1) if sharded else "ddp"
         trainer = Trainer(
@@ -154,7 +158,7 @@ SCRIPT = textwrap.dedent(
     """
 )
 
-KINDS = ("dpo", "dpo_trdpo", "dpo_lora", "reward", "ppo")
+KINDS = ("dpo", "dpo_trdpo", "dpo_lora", "reward", "ppo", "dpo_packed", "reward_packed")
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +195,9 @@ def test_every_model_is_sharded_and_frozen_ones_stay_frozen(sharded_runs, kind):
     trainable parameter and none of its parameters is in an optimizer."""
     # dpo: policy and reference; dpo_lora: the policy (its reference: adapters disabled);
     # ppo: policy, reference and value model
-    expected = {"dpo": 2, "dpo_trdpo": 2, "dpo_lora": 1, "reward": 1, "ppo": 3}[kind]
+    expected = {"dpo": 2, "dpo_trdpo": 2, "dpo_lora": 1, "reward": 1, "ppo": 3}[
+        kind.removesuffix("_packed")
+    ]
     for row in _rows(sharded_runs, kind, "fsdp"):
         assert row["sharded"] == [True] * expected
         assert row["frozen_trainable"] == 0
@@ -208,6 +214,16 @@ def test_sharded_training_matches_ddp(sharded_runs, kind):
     assert set(fsdp["metrics"]) == set(ddp["metrics"])
     for name, value in ddp["metrics"].items():
         assert fsdp["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+@pytest.mark.parametrize("kind", ["dpo_packed", "reward_packed"])
+def test_sharded_packed_training_matches_padded(sharded_runs, kind):
+    """Packed, prompt-shared batches under FSDP2 end with the padded sharded run's metrics."""
+    padded = _rows(sharded_runs, kind.removesuffix("_packed"), "fsdp")[0]["metrics"]
+    packed = _rows(sharded_runs, kind, "fsdp")[0]["metrics"]
+    assert set(packed) == set(padded)
+    for name, value in padded.items():
+        assert packed[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
 
 
 def test_rank_zero_weights_are_broadcast_exactly(sharded_runs, sft_dir):
