@@ -178,3 +178,18 @@ def test_reward_predict_reads_packed_batches(mode, layout, sft_dir):
     assert set(got) == set(want) and len(next(iter(got.values()))) == 8
     for key, values in want.items():
         assert got[key] == pytest.approx(values, rel=1e-5, abs=1e-6)
+
+
+def test_precomputed_reference_logps_are_the_padded_ones(sft_dir, tmp_path):
+    """``precompute_ref_logps`` scores the splits through the data module's collator, packed
+    here: the stored columns equal the padded run's, row by row."""
+    columns = {}
+    for name, layout in {"padded": {}, "packed_shared": LAYOUTS["packed_shared"]}.items():
+        seed_everything(0)
+        module = DPOModule(sft_dir, "toy", precompute_ref_logps=True, optimizer=sgd)
+        dm = data(**layout)
+        fit(module, dm, tmp_path / name, steps=1)
+        train = dm.datasets["train"]
+        columns[name] = (train["ref_chosen_logps"], train["ref_rejected_logps"])
+    for got, want in zip(columns["packed_shared"], columns["padded"], strict=True):
+        assert len(got) == 16 and got == pytest.approx(want, rel=1e-5)
