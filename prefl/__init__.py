@@ -16,6 +16,7 @@ _EXPORTS = {
     "DPOModule": "prefl.modules",
     "EvalCallback": "prefl.callbacks",
     "HFExport": "prefl.callbacks",
+    "KTOModule": "prefl.modules",
     "LoraSpec": "prefl.models",
     "PPOModule": "prefl.modules",
     "PreferenceDataModule": "prefl.data",
@@ -32,12 +33,14 @@ _EXPORTS = {
     "sequence_logps": "prefl.functional",
     "bradley_terry_loss": "prefl.losses",
     "dpo_loss": "prefl.losses",
+    "kto_loss": "prefl.losses",
 }
 __all__ = [
     "CausalLMSpec",
     "DPOModule",
     "EvalCallback",
     "HFExport",
+    "KTOModule",
     "LoraSpec",
     "PPOModule",
     "PreferenceDataModule",
@@ -51,6 +54,7 @@ __all__ = [
     "bradley_terry_loss",
     "build_causal_lm",
     "dpo_loss",
+    "kto_loss",
     "load_tokenizer",
     "masked_mean",
     "sequence_logps",
@@ -60,9 +64,9 @@ if TYPE_CHECKING:
     from prefl.callbacks import EvalCallback, HFExport, RewardReport, RewardWriter, SampleReport
     from prefl.data import PreferenceDataModule, load_tokenizer
     from prefl.functional import masked_mean, sequence_logps
-    from prefl.losses import bradley_terry_loss, dpo_loss
+    from prefl.losses import bradley_terry_loss, dpo_loss, kto_loss
     from prefl.models import CausalLMSpec, LoraSpec, RewardModel, build_causal_lm
-    from prefl.modules import DPOModule, PPOModule, RewardModule, SFTModule
+    from prefl.modules import DPOModule, KTOModule, PPOModule, RewardModule, SFTModule
     from prefl.training import WarmupCosineLR
 
 

@@ -8,6 +8,10 @@ Batch keys (keep them stable, every module reads them):
   for a single forward; plus ``margin`` ``(B,)`` when the dataset has one, and
   ``ref_chosen_logps`` / ``ref_rejected_logps`` ``(B,)`` once precomputed.
 - ``sft``: ``input_ids``, ``attention_mask``, ``loss_mask``, ``(B, T)``, right-padded.
+- ``unpaired`` (KTO): the ``sft`` keys, ``kl_input_ids``, ``kl_attention_mask``,
+  ``kl_loss_mask`` (each row's prompt with its mismatched completion, see
+  :mod:`prefl.data.unpaired`), all right-padded to one common length, and ``label`` ``(B,)``
+  bool (True = desirable); ``ref_logps`` / ``ref_kl_logps`` ``(B,)`` once precomputed.
 - ``prompts``: ``prompt_input_ids``, ``prompt_attention_mask`` ``(B, P)``, left-padded for
   generation; plus ``prompt`` (the prompt texts, a list of ``B`` strings) for reward functions.
 
@@ -31,7 +35,14 @@ from prefl.data.packing import first_fit, lay_out, packed_units
 #: Per-row float columns passed through as ``(B,)`` tensors when the dataset has them: the
 #: margin, reference log-probs precomputed by ``DPOModule(precompute_ref_logps=True)``, and the
 #: data-parallel ``sample_weight`` (0 = a padding repeat, see :mod:`prefl.data.sampling`).
-PASSTHROUGH = ("margin", "ref_chosen_logps", "ref_rejected_logps", "sample_weight")
+PASSTHROUGH = (
+    "margin",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "ref_logps",
+    "ref_kl_logps",
+    "sample_weight",
+)
 
 
 def padded_length(lengths: Sequence[int], multiple: int | None) -> int:
@@ -78,10 +89,12 @@ class PreferenceCollator:
         share_prompt: bool = False,
         row_length: int | None = None,
     ):
-        if mode not in ("pairs", "sft", "prompts"):
-            raise ValueError(f"unknown mode {mode!r}; expected pairs, sft or prompts")
+        if mode not in ("pairs", "sft", "prompts", "unpaired"):
+            raise ValueError(f"unknown mode {mode!r}; expected pairs, sft, prompts or unpaired")
         if packing and mode == "prompts":
             raise ValueError("packing: prompts are left-padded for generation, not packed")
+        if packing and mode == "unpaired":
+            raise ValueError("packing: unpaired (KTO) batches are not packed yet")
         if share_prompt and mode != "pairs":
             raise ValueError(f"share_prompt: only pairs share a prompt, not mode {mode!r}")
         if packing and (row_length is None or row_length < 2):
@@ -97,6 +110,8 @@ class PreferenceCollator:
             batch = self._packed(examples)
         elif self.mode == "sft":
             batch = self._sequences(examples, "completion_ids", "")
+        elif self.mode == "unpaired":
+            batch = self._unpaired(examples)
         else:
             batch = self._pairs(examples)
         for key in PASSTHROUGH:
@@ -125,6 +140,15 @@ class PreferenceCollator:
         batch: dict[str, Any] = {}
         for name in names:
             batch.update(self._sequences(examples, f"{name}_ids", f"{name}_", length))
+        return batch
+
+    def _unpaired(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [e["prompt_ids"] + e["completion_ids"] for e in examples]
+        kl_rows = [e["prompt_ids"] + e["kl_completion_ids"] for e in examples]
+        length = padded_length([len(r) for r in rows + kl_rows], self.multiple)
+        batch = self._sequences(examples, "completion_ids", "", length)
+        batch.update(self._sequences(examples, "kl_completion_ids", "kl_", length))
+        batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
         return batch
 
     def _sequences(self, examples, key: str, prefix: str, length: int | None = None) -> dict:

@@ -39,6 +39,7 @@ from prefl.data.sampling import (
 )
 from prefl.data.tokenize import Limits, tokenize_batch, with_source_rows
 from prefl.data.tokenizers import load_tokenizer
+from prefl.data.unpaired import add_mismatched, explode_pairs, label_counts
 from prefl.data.validate import (
     check_columns,
     has_margin,
@@ -48,7 +49,7 @@ from prefl.data.validate import (
 )
 from prefl.tasks import toy
 
-Mode = Literal["pairs", "prompts", "sft"]
+Mode = Literal["pairs", "prompts", "sft", "unpaired"]
 RowFormat = Literal["auto", "explicit", "implicit", "conversational", "hh_chat"]
 
 
@@ -64,10 +65,12 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         dataset: ``"toy"`` (the embedded toy task), a hub dataset id, a local ``.json``/
             ``.jsonl``/``.parquet``/``.csv`` file (optionally compressed) or folder, or an
             in-memory ``datasets.Dataset``/``DatasetDict``.
-        tokenizer: ``"toy"``, a hub id or local directory, or a tokenizer instance. A pad token
-            distinct from EOS is added if missing.
-        mode: ``pairs`` (chosen/rejected batches), ``prompts`` (left-padded prompts) or ``sft``
-            (prompt + completion, loss on the completion only).
+        tokenizer: ``"toy"``, a hub id or local directory, a ``.gguf`` file, or a tokenizer
+            instance. One without a pad token gets its EOS as PAD (the vocabulary is kept).
+        mode: ``pairs`` (chosen/rejected batches), ``prompts`` (left-padded prompts), ``sft``
+            (prompt + completion, loss on the completion only) or ``unpaired`` (KTO: prompt +
+            completion + boolean label, or pairs read as unpaired rows; see
+            :mod:`prefl.data.unpaired`).
         row_format: ``auto`` (detected from the first row), ``explicit``, ``implicit``,
             ``conversational`` (see :mod:`prefl.data.formats`) or ``hh_chat`` (Anthropic HH
             transcripts read as chat messages, rendered with the tokenizer's chat template;
@@ -80,6 +83,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         completion_column: Column holding the SFT completion (falls back to ``chosen``).
         messages_column: Column holding a whole conversation (SFT, conversational).
         margin_column: Optional numeric column passed through as ``margin`` when present.
+        label_column: The boolean desirable / undesirable column of ``unpaired`` rows.
         train_split: Name of the training split.
         val_split: Name of the validation split, used when the dataset has it; None = no
             validation (nothing is tokenized for it, nothing carved).
@@ -130,6 +134,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         completion_column: str = "completion",
         messages_column: str = "messages",
         margin_column: str = "margin",
+        label_column: str = "label",
         train_split: str = "train",
         val_split: str | None = "validation",
         test_split: str = "test",
@@ -175,6 +180,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             completion_column,
             messages_column,
             margin_column,
+            label_column,
         )
         self.limits = Limits(max_length, max_prompt_length)
         row_length = packing_length or max_length * (2 if share_prompt else 1)
@@ -219,7 +225,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         if isinstance(source, datasets.Dataset):
             return datasets.DatasetDict({h.train_split: source})
         if source == "toy":
-            rows = toy.toy_splits(self.mode, seed=h.seed)
+            mode = "pairs" if self.mode == "unpaired" else self.mode  # pairs read as unpaired
+            rows = toy.toy_splits(mode, seed=h.seed)
             return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()})
         path = Path(source)
         if path.exists():
@@ -253,23 +260,31 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
 
     def _tokenize(self, split: str, ds: datasets.Dataset) -> datasets.Dataset:
         h = self.hparams
-        fmt = check_columns(
-            split, ds, self.mode, self.row_format, self.columns, self._source_name()
-        )
+        mode = self.mode
+        if mode == "unpaired":  # pairs read as unpaired rows, or rows with a label
+            mode = "pairs" if self.columns.rejected in ds.column_names else "sft"
+            if mode == "sft" and self.columns.label not in ds.column_names:
+                raise ValueError(
+                    f"split {split!r}: mode 'unpaired' needs a boolean {self.columns.label!r} "
+                    f"column (label_column=), or chosen/rejected pairs; found {ds.column_names}"
+                )
+        fmt = check_columns(split, ds, mode, self.row_format, self.columns, self._source_name())
         unparsed = None
         if fmt == "hh_chat":  # HH transcripts to message lists; unparsed ones dropped, counted
             ds, unparsed = hh_to_conversational(
-                split, ds, self.mode, self.columns, h.error_on_drop, h.num_proc
+                split, ds, mode, self.columns, h.error_on_drop, h.num_proc
             )
             fmt = "conversational"
         kwargs = {
             "split": split,
-            "mode": self.mode,
+            "mode": mode,
             "row_format": fmt,
             "columns": self.columns,
             "tokenizer": self.tokenizer,
             "limits": self.limits,
-            "use_margin": has_margin(split, ds.column_names, self.columns),
+            "use_margin": has_margin(split, ds.column_names, self.columns)
+            and self.mode != "unpaired",
+            "use_label": self.mode == "unpaired" and mode == "sft",
         }
         mapped = ds.map(
             tokenize_batch,
@@ -281,7 +296,14 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             desc=f"prefl: tokenizing {split}",
         )
         kept = keep_and_count(split, ds, mapped, self.stats, h.error_on_drop, unparsed)
-        return count_merged(split, kept, self.stats)
+        kept = count_merged(split, kept, self.stats)
+        if self.mode != "unpaired":
+            return kept
+        if mode == "pairs":
+            kept = kept.map(explode_pairs, batched=True, remove_columns=kept.column_names)
+        kept = add_mismatched(kept, self.limits.max_length)
+        self.stats[split]["labels"] = label_counts(kept)
+        return kept
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:

@@ -57,6 +57,7 @@ class Columns:
     completion: str = "completion"
     messages: str = "messages"
     margin: str = "margin"
+    label: str = "label"
 
 
 @dataclass

@@ -139,6 +139,13 @@ def _margin(row: dict[str, Any], column: str, where: tuple[str, int]) -> float:
     return float(value)
 
 
+def _label(row: dict[str, Any], column: str, where: tuple[str, int]) -> bool:
+    value = row.get(column)
+    if not isinstance(value, bool):
+        raise RowError(*where, column, f"expected true or false (desirable?), got {value!r}")
+    return value
+
+
 def _text_column(part: str | int, mode: str, row_format: str, c: Columns, row: dict) -> str:
     """The column that a row's prompt (``part="prompt"``) or completion ``part`` came from."""
     if part == 1:
@@ -161,15 +168,16 @@ def tokenize_batch(
     tokenizer: Any,
     limits: Limits,
     use_margin: bool,
+    use_label: bool = False,
 ) -> dict[str, list]:
     """Tokenize a batch of raw rows (the function given to a batched ``Dataset.map``).
 
     Returns columns ``prompt_ids``, ``truncated``, ``drop_reason``, ``boundary_merged`` (the
     row's prompt/completion boundary merged, see :mod:`prefl.data.boundary`); plus
     ``chosen_ids`` and ``rejected_ids`` (pairs), ``completion_ids`` (sft) or ``prompt`` text
-    (prompts); plus ``margin`` when ``use_margin``. Raises :class:`RowError` naming split, row
-    and column; the row is ``indices`` (positions in the split), or the :data:`SOURCE_ROW`
-    column when present.
+    (prompts); plus ``margin`` when ``use_margin``, and the boolean ``label`` of unpaired rows
+    when ``use_label``. Raises :class:`RowError` naming split, row and column; the row is
+    ``indices`` (positions in the split), or the :data:`SOURCE_ROW` column when present.
     """
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     if SOURCE_ROW in batch:  # name rows by their index in the source split, not after a shuffle
@@ -206,7 +214,9 @@ def tokenize_batch(
     out["boundary_merged"] = encoded.merged
     if mode == "prompts":
         out["prompt"] = [restore(t.prompt, tokenizer) if chat else t.prompt for t in texts]
+    where = [(split, index) for index in indices]
     if use_margin:
-        where = [(split, index) for index in indices]
         out["margin"] = [_margin(r, columns.margin, w) for r, w in zip(rows, where, strict=True)]
+    if use_label:
+        out["label"] = [_label(r, columns.label, w) for r, w in zip(rows, where, strict=True)]
     return out

@@ -2,6 +2,7 @@
 
 from prefl.modules.base import CausalLMModule
 from prefl.modules.dpo import DPOModule
+from prefl.modules.kto import KTOModule
 from prefl.modules.ppo import PPOModule
 from prefl.modules.reward import RewardModule
 from prefl.modules.sft import SFTModule
@@ -9,6 +10,7 @@ from prefl.modules.sft import SFTModule
 __all__ = [
     "CausalLMModule",
     "DPOModule",
+    "KTOModule",
     "PPOModule",
     "RewardModule",
     "SFTModule",
