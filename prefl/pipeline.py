@@ -1,15 +1,17 @@
-"""The toy pipeline, prefl's main job: SFT → reward model → DPO and PPO → evaluation and plot.
+"""The toy pipeline, prefl's main job: SFT → reward model → DPO, KTO and PPO → evaluation, plot.
 
 ``python -m prefl.toy --out DIR`` runs the toy configs (``configs/toy/*.yaml``) in order, inside
-``DIR``: SFT on the toy corpus, a reward model on the oracle-labelled pairs, then DPO and PPO (the
-latter against the learned reward model), both from the same SFT export. SFT, DPO and PPO are then
+``DIR``: SFT on the toy corpus, a reward model on the oracle-labelled pairs, then DPO, KTO (the
+same pairs read as unpaired rows) and PPO (against the learned reward model), all from the same
+SFT export. SFT, DPO, KTO and PPO are then
 evaluated on the same held-out prompts against the SFT model
 (:func:`prefl.generation.evaluate.evaluate` with the
 toy oracle): a table is printed, ``DIR/summary.json`` holds one entry per stage (``reward``,
 ``kl``, ``win_rate``, ``frontier_efficiency``...), and ``DIR/frontier.png`` plots oracle reward
 against KL, one point per evaluated checkpoint, beside the exact optimum of ``E[r] − β·KL`` and
-best-of-n from the generator (:mod:`prefl.tasks.toy_optimum`). ``--sweep`` adds DPO runs over β
-and PPO runs over the KL coefficient and draws both frontiers, as in the DPO paper's Fig. 2. It
+best-of-n from the generator (:mod:`prefl.tasks.toy_optimum`). ``--sweep`` adds DPO and KTO runs
+over β and PPO runs over the KL coefficient and draws their frontiers, as in the DPO paper's
+Fig. 2. It
 needs a source checkout (for the configs).
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 DPO_BETAS = (0.1, 0.25, 0.5, 1.0, 2.0)
+KTO_BETAS = DPO_BETAS
 PPO_KL_COEFS = (0.01, 0.05, 0.2, 0.5)
 #: β grid of the exact optimal curve (log-spaced, 0.01 to 20) and best-of-n sizes
 OPTIMUM_BETAS = tuple(0.01 * 2000 ** (i / 59) for i in range(60))
@@ -117,7 +120,7 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
     bon_label = "best-of-n from the generator (KL bound)"
     curve(optimum.get("best_of_n", []), "x--", color="gray", label=bon_label)
     ax.scatter([0.0], [stages["sft"]["reward"]], color="black", zorder=3, label="SFT")
-    colors = {"dpo": "tab:blue", "ppo": "tab:orange"}
+    colors = {"dpo": "tab:blue", "kto": "tab:green", "ppo": "tab:orange"}
     for method, color in colors.items():
         name = method.upper()
         points = summary["frontier"].get(method, [])
@@ -187,7 +190,7 @@ def frontier_points(history: list[tuple[int, dict]]) -> list[dict[str, float]]:
 
 
 def run_sweep(summary: dict[str, Any]) -> None:
-    """DPO over β and PPO over the KL coefficient (no export, final evaluation only)."""
+    """DPO and KTO over β, PPO over the KL coefficient (no export, final evaluation only)."""
     from prefl.callbacks import EvalCallback
 
     quiet = [
@@ -196,8 +199,9 @@ def run_sweep(summary: dict[str, Any]) -> None:
         "--trainer.enable_checkpointing=false",
     ]
     runs = [("dpo", "beta", value) for value in DPO_BETAS]
+    runs += [("kto", "beta", value) for value in KTO_BETAS]
     runs += [("ppo", "kl_coef", value) for value in PPO_KL_COEFS]
-    summary["sweep"] = {"dpo": [], "ppo": []}
+    summary["sweep"] = {"dpo": [], "kto": [], "ppo": []}
     for method, key, value in runs:
         print(f"prefl toy sweep: {method} {key}={value}", flush=True)
         evaluation = EvalCallback(num_samples=4)
@@ -217,9 +221,13 @@ def run_pipeline(out: str | Path, sweep: bool = False) -> dict[str, Any]:
     try:
         start = time.perf_counter()
         wall: dict[str, float] = {}
-        evals = {"dpo": EvalCallback(every_n_steps=25), "ppo": EvalCallback(every_n_steps=8)}
+        evals = {
+            "dpo": EvalCallback(every_n_steps=25),
+            "kto": EvalCallback(every_n_steps=25),
+            "ppo": EvalCallback(every_n_steps=8),
+        }
         summary: dict[str, Any] = {"frontier": {}, "wall_seconds": wall}
-        for stage in ("sft", "reward", "dpo", "ppo"):
+        for stage in ("sft", "reward", "dpo", "kto", "ppo"):
             t0 = time.perf_counter()
             cli = fit_stage(stage, callbacks=[evals[stage]] if stage in evals else [])
             wall[stage] = time.perf_counter() - t0
@@ -231,7 +239,7 @@ def run_pipeline(out: str | Path, sweep: bool = False) -> dict[str, Any]:
                 summary["sft_entropy"] = report.results
         for method, callback in evals.items():
             summary["frontier"][method] = frontier_points(callback.history)
-        exports = {s: f"runs/toy/{s}/export" for s in ("sft", "dpo", "ppo")}
+        exports = {s: f"runs/toy/{s}/export" for s in ("sft", "dpo", "kto", "ppo")}
         summary["stages"] = evaluate_exports(exports)
         if sweep:
             run_sweep(summary)
@@ -254,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m prefl.toy --out DIR [--sweep]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/pipeline", help="output directory")
-    parser.add_argument("--sweep", action="store_true", help="also sweep DPO β and PPO β")
+    parser.add_argument("--sweep", action="store_true", help="also sweep DPO, KTO and PPO β")
     parser.add_argument(
         "--threads",
         type=int,
