@@ -70,7 +70,7 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch.loggers import Logger
 
     import prefl.generation.rollout
-    from prefl import DPOModule, PPOModule, PreferenceDataModule, RewardModule
+    from prefl import DPOModule, KTOModule, PPOModule, PreferenceDataModule, RewardModule
     from prefl.tasks import toy
 
     K = 2  # PPO samples per prompt
@@ -83,10 +83,11 @@ SCRIPT = textwrap.dedent(
         "reward_uneven": ("reward", "pairs7", 1),
         "dpo_uneven_packed": ("dpo", "pairs7", 1),  # packing + share_prompt (name suffix)
         "reward_uneven_packed": ("reward", "pairs7", 1),
+        "kto_uneven": ("kto", "unpaired7", 1),
         "ppo_uneven": ("ppo", "prompts5", 2),
     }
     #: batch size per rank: one process takes the whole training set in one batch
-    BATCH = {1: {"pairs": 8, "prompts": 5}, 2: {"pairs": 4, "prompts": 3}}
+    BATCH = {1: {"pairs": 8, "prompts": 5, "unpaired": 8}, 2: {"pairs": 4, "prompts": 3, "unpaired": 4}}
     ORIGINAL_GENERATE = prefl.generation.rollout.generate_sampled
 
 
@@ -98,11 +99,22 @@ SCRIPT = textwrap.dedent(
             "pairs8/train.jsonl": toy.pair_rows(8, seed=13),
             "pairs8/validation.jsonl": toy.pair_rows(6, seed=14, held_out=True),
             "prompts5/train.jsonl": [{"prompt": p} for p in toy.all_prompts()[::17][:5]],
+            "unpaired7/train.jsonl": labelled(toy.pair_rows(4, seed=15))[:7],
+            "unpaired7/validation.jsonl": labelled(toy.pair_rows(3, seed=16, held_out=True))[:5],
         }
         for name, rows in files.items():
             path = Path(root) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\\n" for r in rows))
+
+
+    def labelled(pairs):
+        '''Pairs as labelled rows: chosen desirable, rejected undesirable.'''
+        rows = []
+        for r in pairs:
+            rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+            rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+        return rows
 
 
     def per_prompt_generate(model, input_ids, attention_mask, max_new_tokens, temp, pad, eos):
@@ -205,6 +217,8 @@ SCRIPT = textwrap.dedent(
             module = DPOModule(sft, optimizer=sgd, lr_scheduler=None)
         elif kind == "reward":
             module = RewardModule(sft, optimizer=sgd, lr_scheduler=None)
+        elif kind == "kto":
+            module = KTOModule(sft, optimizer=sgd, lr_scheduler=None)
         else:
             module = PPOModule(
                 sft,
@@ -220,7 +234,7 @@ SCRIPT = textwrap.dedent(
                 log_samples_every=0,
                 optimizer=sgd,
             )
-        mode = "prompts" if kind == "ppo" else "pairs"
+        mode = {"ppo": "prompts", "kto": "unpaired"}.get(kind, "pairs")
         data = PreferenceDataModule(
             str(Path(data_root) / folder),
             mode=mode,
@@ -408,6 +422,14 @@ def test_packed_shared_layout_matches_one_process(runs, name):
     (padded,) = load_run(runs["single"], name.removesuffix("_packed"), 1)
     assert single["losses"] == pytest.approx(padded["losses"], rel=1e-5)
     assert_same_gradient(single["grads"][0], padded["grads"][0], f"{name} vs padded")
+
+
+@pytest.mark.slow
+def test_kto_uneven_split_matches_one_process(runs):
+    """KTO on 7 labelled rows: one rank gets a weight-0 repeat; the loss, gradient and metrics
+    (the reference point z over every rank's real rows) stay the one-process ones."""
+    single, _ = check_pair_run(runs, "kto_uneven", n_train=7, n_val=5)
+    assert {"val/kl", "val/rewards/chosen", "val/rewards/rejected"} <= set(single["metrics"])
 
 
 #: PPO quantities logged as exact global means (per-response ones, and token means taken over
