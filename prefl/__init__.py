@@ -18,6 +18,7 @@ _EXPORTS = {
     "HFExport": "prefl.callbacks",
     "KTOModule": "prefl.modules",
     "LoraSpec": "prefl.models",
+    "OnlineDPOModule": "prefl.modules",
     "PPOModule": "prefl.modules",
     "PreferenceDataModule": "prefl.data",
     "RewardModel": "prefl.models",
@@ -42,6 +43,7 @@ __all__ = [
     "HFExport",
     "KTOModule",
     "LoraSpec",
+    "OnlineDPOModule",
     "PPOModule",
     "PreferenceDataModule",
     "RewardModel",
@@ -66,7 +68,14 @@ if TYPE_CHECKING:
     from prefl.functional import masked_mean, sequence_logps
     from prefl.losses import bradley_terry_loss, dpo_loss, kto_loss
     from prefl.models import CausalLMSpec, LoraSpec, RewardModel, build_causal_lm
-    from prefl.modules import DPOModule, KTOModule, PPOModule, RewardModule, SFTModule
+    from prefl.modules import (
+        DPOModule,
+        KTOModule,
+        OnlineDPOModule,
+        PPOModule,
+        RewardModule,
+        SFTModule,
+    )
     from prefl.training import WarmupCosineLR
 
 

@@ -1,17 +1,16 @@
-"""The toy pipeline, prefl's main job: SFT → reward model → DPO, KTO and PPO → evaluation, plot.
+"""The toy pipeline, prefl's main job: SFT → reward model → DPO, online DPO, KTO, PPO → evaluation.
 
 ``python -m prefl.toy --out DIR`` runs the toy configs (``configs/toy/*.yaml``) in order, inside
-``DIR``: SFT on the toy corpus, a reward model on the oracle-labelled pairs, then DPO, KTO (the
-same pairs read as unpaired rows) and PPO (against the learned reward model), all from the same
-SFT export. SFT, DPO, KTO and PPO are then
-evaluated on the same held-out prompts against the SFT model
-(:func:`prefl.generation.evaluate.evaluate` with the
-toy oracle): a table is printed, ``DIR/summary.json`` holds one entry per stage (``reward``,
-``kl``, ``win_rate``, ``frontier_efficiency``...), and ``DIR/frontier.png`` plots oracle reward
-against KL, one point per evaluated checkpoint, beside the exact optimum of ``E[r] − β·KL`` and
-best-of-n from the generator (:mod:`prefl.tasks.toy_optimum`). ``--sweep`` adds DPO and KTO runs
-over β and PPO runs over the KL coefficient and draws their frontiers, as in the DPO paper's
-Fig. 2. It
+``DIR``: SFT on the toy corpus, a reward model on the oracle-labelled pairs, then DPO, online DPO
+(pairs of its own samples, labelled by the oracle as it trains), KTO (the same pairs as DPO read
+as unpaired rows) and PPO (against the learned reward model), all from the same SFT export. They
+are then evaluated on the same held-out prompts against the SFT model
+(:func:`prefl.generation.evaluate.evaluate` with the toy oracle): a table is printed,
+``DIR/summary.json`` holds one entry per stage (``reward``, ``kl``, ``win_rate``,
+``frontier_efficiency``...), and ``DIR/frontier.png`` plots oracle reward against KL, one point
+per evaluated checkpoint, beside the exact optimum of ``E[r] − β·KL`` and best-of-n from the
+generator (:mod:`prefl.tasks.toy_optimum`). ``--sweep`` adds DPO, online DPO and KTO runs over β
+and PPO runs over the KL coefficient and draws their frontiers, as in the DPO paper's Fig. 2. It
 needs a source checkout (for the configs).
 """
 
@@ -28,6 +27,7 @@ from typing import Any
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 DPO_BETAS = (0.1, 0.25, 0.5, 1.0, 2.0)
 KTO_BETAS = DPO_BETAS
+ONLINE_DPO_BETAS = DPO_BETAS
 PPO_KL_COEFS = (0.01, 0.05, 0.2, 0.5)
 #: β grid of the exact optimal curve (log-spaced, 0.01 to 20) and best-of-n sizes
 OPTIMUM_BETAS = tuple(0.01 * 2000 ** (i / 59) for i in range(60))
@@ -120,9 +120,14 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
     bon_label = "best-of-n from the generator (KL bound)"
     curve(optimum.get("best_of_n", []), "x--", color="gray", label=bon_label)
     ax.scatter([0.0], [stages["sft"]["reward"]], color="black", zorder=3, label="SFT")
-    colors = {"dpo": "tab:blue", "kto": "tab:green", "ppo": "tab:orange"}
+    colors = {
+        "dpo": "tab:blue",
+        "online_dpo": "tab:purple",
+        "kto": "tab:green",
+        "ppo": "tab:orange",
+    }
     for method, color in colors.items():
-        name = method.upper()
+        name = {"online_dpo": "online DPO"}.get(method, method.upper())
         points = summary["frontier"].get(method, [])
         curve(points, "o:", color=color, alpha=0.6, label=f"{name} during training")
         final = stages[method]
@@ -151,7 +156,7 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
 def print_table(summary: dict[str, Any]) -> str:
     """The stage table: oracle reward, KL, win rate vs SFT, EOS rate and wall time."""
     rows = [
-        f"{'stage':<6} {'oracle reward':>13} {'KL':>7} {'R*(KL)':>7} {'of R*':>6} "
+        f"{'stage':<10} {'oracle reward':>13} {'KL':>7} {'R*(KL)':>7} {'of R*':>6} "
         f"{'win vs SFT':>10} {'EOS rate':>8} {'wall s':>7}"
     ]
     for stage, r in summary["stages"].items():
@@ -161,7 +166,7 @@ def print_table(summary: dict[str, Any]) -> str:
             r.get("frontier_efficiency", float("nan")),
         )
         rows.append(
-            f"{stage:<6} {r['reward']:>+13.3f} {r['kl']:>7.2f} {best:>+7.3f} {eff:>6.1%} "
+            f"{stage:<10} {r['reward']:>+13.3f} {r['kl']:>7.2f} {best:>+7.3f} {eff:>6.1%} "
             f"{r['win_rate']:>10.3f} {r['eos_rate']:>8.3f} {wall:>7.1f}"
         )
     entropy = summary.get("sft_entropy")
@@ -190,7 +195,8 @@ def frontier_points(history: list[tuple[int, dict]]) -> list[dict[str, float]]:
 
 
 def run_sweep(summary: dict[str, Any]) -> None:
-    """DPO and KTO over β, PPO over the KL coefficient (no export, final evaluation only)."""
+    """DPO, online DPO and KTO over β, PPO over the KL coefficient (no export, final
+    evaluation only)."""
     from prefl.callbacks import EvalCallback
 
     quiet = [
@@ -199,9 +205,10 @@ def run_sweep(summary: dict[str, Any]) -> None:
         "--trainer.enable_checkpointing=false",
     ]
     runs = [("dpo", "beta", value) for value in DPO_BETAS]
+    runs += [("online_dpo", "beta", value) for value in ONLINE_DPO_BETAS]
     runs += [("kto", "beta", value) for value in KTO_BETAS]
     runs += [("ppo", "kl_coef", value) for value in PPO_KL_COEFS]
-    summary["sweep"] = {"dpo": [], "kto": [], "ppo": []}
+    summary["sweep"] = {"dpo": [], "online_dpo": [], "kto": [], "ppo": []}
     for method, key, value in runs:
         print(f"prefl toy sweep: {method} {key}={value}", flush=True)
         evaluation = EvalCallback(num_samples=4)
@@ -223,11 +230,12 @@ def run_pipeline(out: str | Path, sweep: bool = False) -> dict[str, Any]:
         wall: dict[str, float] = {}
         evals = {
             "dpo": EvalCallback(every_n_steps=25),
+            "online_dpo": EvalCallback(every_n_steps=20),
             "kto": EvalCallback(every_n_steps=25),
             "ppo": EvalCallback(every_n_steps=8),
         }
         summary: dict[str, Any] = {"frontier": {}, "wall_seconds": wall}
-        for stage in ("sft", "reward", "dpo", "kto", "ppo"):
+        for stage in ("sft", "reward", "dpo", "online_dpo", "kto", "ppo"):
             t0 = time.perf_counter()
             cli = fit_stage(stage, callbacks=[evals[stage]] if stage in evals else [])
             wall[stage] = time.perf_counter() - t0
@@ -239,7 +247,7 @@ def run_pipeline(out: str | Path, sweep: bool = False) -> dict[str, Any]:
                 summary["sft_entropy"] = report.results
         for method, callback in evals.items():
             summary["frontier"][method] = frontier_points(callback.history)
-        exports = {s: f"runs/toy/{s}/export" for s in ("sft", "dpo", "kto", "ppo")}
+        exports = {s: f"runs/toy/{s}/export" for s in ("sft", "dpo", "online_dpo", "kto", "ppo")}
         summary["stages"] = evaluate_exports(exports)
         if sweep:
             run_sweep(summary)

@@ -3,6 +3,7 @@
 from prefl.modules.base import CausalLMModule
 from prefl.modules.dpo import DPOModule
 from prefl.modules.kto import KTOModule
+from prefl.modules.online_dpo import OnlineDPOModule
 from prefl.modules.ppo import PPOModule
 from prefl.modules.reward import RewardModule
 from prefl.modules.sft import SFTModule
@@ -11,6 +12,7 @@ __all__ = [
     "CausalLMModule",
     "DPOModule",
     "KTOModule",
+    "OnlineDPOModule",
     "PPOModule",
     "RewardModule",
     "SFTModule",

@@ -87,7 +87,10 @@ SCRIPT = textwrap.dedent(
         "ppo_uneven": ("ppo", "prompts5", 2),
     }
     #: batch size per rank: one process takes the whole training set in one batch
-    BATCH = {1: {"pairs": 8, "prompts": 5, "unpaired": 8}, 2: {"pairs": 4, "prompts": 3, "unpaired": 4}}
+    BATCH = {
+        1: {"pairs": 8, "prompts": 5, "unpaired": 8},
+        2: {"pairs": 4, "prompts": 3, "unpaired": 4},
+    }
     ORIGINAL_GENERATE = prefl.generation.rollout.generate_sampled
 
 
