@@ -16,11 +16,17 @@ batches, not pairs) and so is what it holds (a scorer). Validation samples the v
 prompts the same way (another seed) and logs the DPO metrics of their pairs. Metrics, besides
 DPO's: ``online/score`` (mean score of every sample), ``online/kl`` (sequence KL(policy ‖
 reference) of the samples, k1 at temperature 1), ``online/eos_rate`` and ``online/ties`` (share
-of prompts skipped), per stage.
+of prompts skipped), per stage, exact over data-parallel ranks (padding repeats weigh 0).
+
+**Iterative DPO** (``round_size``): the samples of a round of steps come from the policy as it
+was at the round's start, and ``ref_sync_every`` (with ``ref_mixup_alpha`` 1) moves the reference
+to the policy at each round's end: rounds of (sample on-policy pairs → train on them → move the
+reference), configured in YAML.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -32,8 +38,11 @@ from prefl.generation.rewards import Scorer, build_scorer, check_reward_sources
 from prefl.generation.rollout import Responses, response_logprobs, sample_responses
 from prefl.models import CausalLMSpec
 from prefl.modules.dpo import DPOModule
+from prefl.training.metrics import StageMetrics
 from prefl.training.ppo_rollout import rollout_seed
 from prefl.training.schedules import WarmupCosineLR
+
+ONLINE_METRICS = ("online/score", "online/kl", "online/eos_rate", "online/ties")
 
 
 def best_and_worst(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,6 +71,11 @@ class OnlineDPOModule(DPOModule):
         temperature: Sampling temperature (> 0).
         max_new_tokens: Most tokens per completion.
         seed: Sampling seed of the run (each step's seed derives from it).
+        round_size: Iterative DPO: sample every round of this many optimizer steps from a
+            frozen copy of the policy as it was at the round's start (with ``ref_sync_every``
+            set to the same number, the reference then moves to the policy at each round's
+            end, as in RLHFlow's iterative DPO); None = online, each step samples the policy
+            as it is.
         beta: DPO's β.
         loss_type: A DPO loss name, or a list of them (a mixture; see ``DPOModule``).
         loss_weights: Weights of a mixture's losses.
@@ -88,6 +102,7 @@ class OnlineDPOModule(DPOModule):
         temperature: float = 1.0,
         max_new_tokens: int = 64,
         seed: int = 0,
+        round_size: int | None = None,
         beta: float = 0.1,
         loss_type: str | list[str] = "sigmoid",
         loss_weights: list[float] | None = None,
@@ -121,7 +136,13 @@ class OnlineDPOModule(DPOModule):
         self.no_eos_score = no_eos_score
         self.num_samples, self.temperature = num_samples, temperature
         self.max_new_tokens, self.seed = max_new_tokens, seed
+        if round_size is not None and round_size < 1:
+            raise ValueError(f"model.round_size must be >= 1 or None, got {round_size}")
+        self.round_size = round_size
+        self.round_policy: torch.nn.Module | None = None
+        self._round_end = 0
         self.scorer: Scorer | None = None
+        self.online_metrics = StageMetrics(ONLINE_METRICS)
 
     def build_models(self) -> None:
         """The policy, its reference and the scorer (a frozen reward model, if any)."""
@@ -148,14 +169,21 @@ class OnlineDPOModule(DPOModule):
         return frozen
 
     @torch.no_grad()
-    def sample_pairs(self, batch: dict[str, Any], seed: int) -> tuple[dict, dict[str, float]]:
-        """Sample, score and pair (see the module docstring): a ``pairs`` batch on the module's
-        device (``sample_weight`` 0 on ties and data-parallel padding repeats) and the
-        samples' statistics."""
+    def sample_pairs(
+        self, batch: dict[str, Any], seed: int
+    ) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Sample, score and pair (see the module docstring).
+
+        Returns:
+            A ``pairs`` batch on the module's device (``sample_weight`` 0 on ties and on
+            data-parallel padding repeats), and the samples' statistics as ``name -> (values,
+            weights)``: ``online/score``, ``online/kl`` and ``online/eos_rate`` per sample,
+            ``online/ties`` per prompt (padding repeats weigh 0).
+        """
         tokenizer = self.resolve_tokenizer()
         k = self.num_samples
         responses = sample_responses(
-            self.model,
+            self.sampler_policy(),
             batch["prompt_input_ids"],
             batch["prompt_attention_mask"],
             k=k,
@@ -170,13 +198,14 @@ class OnlineDPOModule(DPOModule):
         scores = self.scorer(responses, prompts, completions)["score"].float()
         best, worst, tie = best_and_worst(scores, k)
         pairs = self._collate(batch, responses, best, worst, tokenizer.pad_token_id)
-        weights = batch.get("sample_weight", torch.ones_like(scores[::k]))
-        pairs["sample_weight"] = weights.to(scores) * (~tie).to(scores)
+        weights = batch.get("sample_weight", torch.ones_like(scores[::k])).to(scores)
+        pairs["sample_weight"] = weights * (~tie).to(scores)
+        per_sample = weights.repeat_interleave(k)
         stats = {
-            "score": float(scores.mean()),
-            "kl": self._sample_kl(responses),
-            "eos_rate": float(responses.ended.float().mean()),
-            "ties": float(tie.float().mean()),
+            "online/score": (scores, per_sample),
+            "online/kl": (self._sample_kl(responses), per_sample),
+            "online/eos_rate": (responses.ended.float(), per_sample),
+            "online/ties": (tie.float(), weights),
         }
         return pairs, stats
 
@@ -200,28 +229,32 @@ class OnlineDPOModule(DPOModule):
         collated = PreferenceCollator(pad, "pairs")(examples)
         return {key: value.to(self.device) for key, value in collated.items()}
 
-    def _sample_kl(self, responses: Responses) -> float:
-        """Mean sequence KL(policy ‖ reference) of the samples (k1, temperature 1)."""
+    def _sample_kl(self, responses: Responses) -> torch.Tensor:
+        """Sequence KL(policy ‖ reference) ``(N,)`` of the samples (k1, temperature 1)."""
         policy, _ = response_logprobs(self.model, responses, 1.0)
         with self.reference_context() as reference:
             ref, _ = response_logprobs(reference, responses, 1.0)
-        mask = responses.response_mask.to(policy.dtype)
-        return float(((policy - ref) * mask).sum(-1).mean())
+        return ((policy - ref) * responses.response_mask.to(policy.dtype)).sum(-1).float()
+
+    def sampler_policy(self) -> torch.nn.Module:
+        """The model that samples: the policy itself, or (``round_size``) its frozen copy from
+        the start of the current round."""
+        if self.round_size is None:
+            return self.model
+        if self.round_policy is None or self.global_step >= self._round_end:
+            self.round_policy = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self._round_end = self.global_step + self.round_size
+        return self.round_policy
 
     def _online_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> torch.Tensor:
         salt = 0 if stage == "train" else 7_919  # validation samples apart from training's
         seed = rollout_seed(self.seed + salt, self.current_epoch, batch_idx, self.global_rank)
         pairs, stats = self.sample_pairs(batch, seed)
         loss = self._step(pairs, stage)
-        for name, value in stats.items():
-            self.log(
-                f"{stage}/online/{name}",
-                value,
-                on_step=stage == "train",
-                on_epoch=True,
-                sync_dist=True,
-                batch_size=len(batch["prompt"]),
-            )
+        for name, (value, weight) in stats.items():  # exact over ranks: weighted, per name
+            self.online_metrics.update(stage, {name: value}, weight)
+        rows = len(batch["prompt"])
+        self.online_metrics.log(self, stage, on_step=stage == "train", batch_size=rows)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -45,7 +45,10 @@ def test_sampled_pairs_are_best_against_worst(sft_dir):
     batch = prompts_batch()
     pairs, stats = module.sample_pairs(batch, seed=3)
     tok = module.resolve_tokenizer()
-    assert pairs["chosen_input_ids"].shape[0] == 8 and 0.0 <= stats["ties"] <= 1.0
+    assert (
+        pairs["chosen_input_ids"].shape[0] == 8
+        and 0.0 <= float(stats["online/ties"][0].mean()) <= 1.0
+    )
     for b in range(8):
         chosen = pairs["chosen_input_ids"][b][pairs["chosen_loss_mask"][b].bool()]
         rejected = pairs["rejected_input_ids"][b][pairs["rejected_loss_mask"][b].bool()]
@@ -57,7 +60,9 @@ def test_sampled_pairs_are_best_against_worst(sft_dir):
         if pairs["sample_weight"][b] > 0:
             assert scores[0] > scores[1]
     assert set(pairs["sample_weight"].tolist()) <= {0.0, 1.0} and pairs["sample_weight"].sum() > 0
-    assert math.isfinite(stats["score"]) and abs(stats["kl"]) < 1e-5  # policy = reference
+    scores, kl = stats["online/score"][0], stats["online/kl"][0]
+    assert scores.shape == kl.shape == (32,) and bool(torch.isfinite(scores).all())
+    assert float(kl.abs().max()) < 1e-5  # policy = reference
 
 
 def test_step_zero_loss_is_log_two_on_the_real_pairs(sft_dir):
@@ -112,13 +117,32 @@ def test_a_full_reference_sync_makes_the_reference_the_policy(sft_dir, tmp_path)
         torch.testing.assert_close(ref, pol.detach(), rtol=0, atol=0)
 
 
+def test_a_round_samples_from_the_policy_at_its_start(sft_dir, tmp_path):
+    """``round_size=4``: after 2 steps the sampler is still the initial policy (its pairs are
+    the untrained module's), while the policy itself has moved."""
+    module = built(sft_dir, round_size=4, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    fit(module, tmp_path, steps=2)
+    initial = built(sft_dir)
+    batch = prompts_batch()
+    got, _ = module.sample_pairs(batch, seed=9)
+    want, _ = initial.sample_pairs(batch, seed=9)
+    assert torch.equal(got["chosen_input_ids"], want["chosen_input_ids"])
+    moved = [
+        (a - b).abs().max()
+        for a, b in zip(module.model.parameters(), initial.model.parameters(), strict=True)
+    ]
+    assert max(moved) > 1e-4
+    with pytest.raises(ValueError, match="model.round_size must be >= 1"):
+        OnlineDPOModule(sft_dir, reward_fns=["toy"], round_size=0)
+
+
 def test_lora_online_dpo(sft_dir, tmp_path):
     spec = CausalLMSpec(name_or_path=sft_dir, lora=LoraSpec(r=4, alpha=8))
     module = built(spec, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     fit(module, tmp_path, steps=2)
     assert module.reference is None
     pairs, stats = module.sample_pairs(prompts_batch(), seed=5)
-    assert stats["kl"] != 0.0
+    assert float(stats["online/kl"][0].abs().max()) > 0.0
 
 
 def test_settings_are_checked(sft_dir):
