@@ -70,7 +70,14 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch.loggers import Logger
 
     import prefl.generation.rollout
-    from prefl import DPOModule, KTOModule, PPOModule, PreferenceDataModule, RewardModule
+    from prefl import (
+        DPOModule,
+        KTOModule,
+        OnlineDPOModule,
+        PPOModule,
+        PreferenceDataModule,
+        RewardModule,
+    )
     from prefl.tasks import toy
 
     K = 2  # PPO samples per prompt
@@ -84,6 +91,7 @@ SCRIPT = textwrap.dedent(
         "dpo_uneven_packed": ("dpo", "pairs7", 1),  # packing + share_prompt (name suffix)
         "reward_uneven_packed": ("reward", "pairs7", 1),
         "kto_uneven": ("kto", "unpaired7", 1),
+        "online_dpo_uneven": ("online_dpo", "prompts5v", 1),
         "ppo_uneven": ("ppo", "prompts5", 2),
     }
     #: batch size per rank: one process takes the whole training set in one batch
@@ -102,6 +110,8 @@ SCRIPT = textwrap.dedent(
             "pairs8/train.jsonl": toy.pair_rows(8, seed=13),
             "pairs8/validation.jsonl": toy.pair_rows(6, seed=14, held_out=True),
             "prompts5/train.jsonl": [{"prompt": p} for p in toy.all_prompts()[::17][:5]],
+            "prompts5v/train.jsonl": [{"prompt": p} for p in toy.all_prompts()[::19][:5]],
+            "prompts5v/validation.jsonl": [{"prompt": p} for p in toy.all_prompts()[5::23][:3]],
             "unpaired7/train.jsonl": labelled(toy.pair_rows(4, seed=15))[:7],
             "unpaired7/validation.jsonl": labelled(toy.pair_rows(3, seed=16, held_out=True))[:5],
         }
@@ -222,6 +232,16 @@ SCRIPT = textwrap.dedent(
             module = RewardModule(sft, optimizer=sgd, lr_scheduler=None)
         elif kind == "kto":
             module = KTOModule(sft, optimizer=sgd, lr_scheduler=None)
+        elif kind == "online_dpo":
+            module = OnlineDPOModule(
+                sft,
+                reward_fns=["toy"],
+                num_samples=K,
+                max_new_tokens=NEW_TOKENS,
+                no_eos_score=None,
+                optimizer=sgd,
+                lr_scheduler=None,
+            )
         else:
             module = PPOModule(
                 sft,
@@ -237,7 +257,7 @@ SCRIPT = textwrap.dedent(
                 log_samples_every=0,
                 optimizer=sgd,
             )
-        mode = {"ppo": "prompts", "kto": "unpaired"}.get(kind, "pairs")
+        mode = {"ppo": "prompts", "online_dpo": "prompts", "kto": "unpaired"}.get(kind, "pairs")
         data = PreferenceDataModule(
             str(Path(data_root) / folder),
             mode=mode,
@@ -266,7 +286,7 @@ SCRIPT = textwrap.dedent(
             callbacks=[Record(out, memory)],
         )
         patch = nullcontext()
-        if kind == "ppo":
+        if kind in ("ppo", "online_dpo"):
             patch = mock.patch.object(
                 prefl.generation.rollout, "generate_sampled", per_prompt_generate
             )
@@ -425,6 +445,17 @@ def test_packed_shared_layout_matches_one_process(runs, name):
     (padded,) = load_run(runs["single"], name.removesuffix("_packed"), 1)
     assert single["losses"] == pytest.approx(padded["losses"], rel=1e-5)
     assert_same_gradient(single["grads"][0], padded["grads"][0], f"{name} vs padded")
+
+
+@pytest.mark.slow
+def test_online_dpo_uneven_split_matches_one_process(runs):
+    """Online DPO on 5 prompts (one rank gets a weight-0 repeat), each sampled as a function of
+    the prompt alone (see the module docstring): the same pairs, hence the same loss, gradient
+    and metrics (the samples' score, KL, EOS rate and ties included) as one process."""
+    single, _ = check_pair_run(runs, "online_dpo_uneven", n_train=5, n_val=3)
+    assert {"train/online/score", "val/online/ties", "val/rewards/accuracies"} <= set(
+        single["metrics"]
+    )
 
 
 @pytest.mark.slow
