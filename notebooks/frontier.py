@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # The reward–KL frontier: DPO vs PPO on the toy task
+# # The reward–KL frontier: offline DPO, online DPO, KTO and PPO on the toy task
 #
 # DPO and RLHF-with-PPO optimise the same objective, reward minus `β·KL` to the SFT model, so the
 # fair way to compare them is not one number but a **frontier**: how much true reward each
@@ -22,13 +22,17 @@
 # sweep the regularisation strength of each method from the same SFT export and place every final
 # policy on the (KL, oracle reward) plane.
 #
-# Both methods see only the oracle-labelled preference pairs: DPO directly, PPO through a reward
-# model trained on them. The oracle itself is used only to evaluate. Default settings follow
-# `configs/toy/{sft,reward,dpo,ppo}.yaml` (3 values per method); `PREFL_NB_SMALL=1` runs a quick
-# smoke version (2 values, a few steps). Outputs go to `$PREFL_NB_OUT` (default `notebooks_out/`).
+# DPO, KTO and PPO see only the oracle-labelled preference pairs: DPO directly, KTO as unpaired
+# rows, PPO through a reward model trained on them. Online DPO asks the oracle to label pairs of
+# its own samples as it trains (the setting online DPO is for: an AI or human labeller in the
+# loop). Otherwise the oracle is used only to evaluate. Default settings follow
+# `configs/toy/{sft,reward,dpo,online_dpo,kto,ppo}.yaml` (3 values per method);
+# `PREFL_NB_SMALL=1` runs a quick smoke version (2 values, a few steps). Outputs go to
+# `$PREFL_NB_OUT` (default `notebooks_out/`).
 
 # %%
-"""Reward-KL frontier of DPO and PPO on the toy task (a notebook, or run it as a script)."""
+"""Reward-KL frontier of offline DPO, online DPO, KTO and PPO on the toy task (a notebook, or
+run it as a script)."""
 
 import json
 import os
@@ -43,6 +47,8 @@ from prefl import (
     CausalLMSpec,
     DPOModule,
     HFExport,
+    KTOModule,
+    OnlineDPOModule,
     PPOModule,
     PreferenceDataModule,
     RewardModule,
@@ -64,6 +70,7 @@ REWARD_EPOCHS = 1 if SMALL else 2
 MAX_SAMPLES = 256 if SMALL else None  # rows per split (None = the full toy splits)
 PPO_STEPS = 3 if SMALL else 40  # rollouts at most (the toy train split holds 32 batches of 64)
 PPO_BATCH = 16 if SMALL else 64  # prompts per rollout
+ONLINE_STEPS = 3 if SMALL else 80  # online DPO steps of 16 prompts x 4 samples
 EVAL_PROMPTS = toy.split_prompts()[1][::9] if SMALL else toy.split_prompts()[1]  # held out
 EVAL_SAMPLES = 2 if SMALL else 8  # completions per prompt
 print(f"small={SMALL}, writing to {OUT.resolve()}")
@@ -84,7 +91,7 @@ def trainer(name: str, callbacks: list, **kwargs) -> Trainer:
 
 
 def data(mode: str, tokenizer: str, batch_size: int = 32) -> PreferenceDataModule:
-    """The toy task's data module for one stage (``sft``, ``pairs`` or ``prompts``)."""
+    """The toy task's data module for one stage (``sft``, ``pairs``, ``unpaired``, ``prompts``)."""
     return PreferenceDataModule(
         dataset="toy",
         tokenizer=tokenizer,
@@ -151,7 +158,7 @@ def evaluate_module(module) -> dict[str, float]:
         )
 
 
-results: dict[str, list[dict]] = {"dpo": [], "ppo": []}
+results: dict[str, list[dict]] = {"dpo": [], "online_dpo": [], "kto": [], "ppo": []}
 
 # %% [markdown]
 # ## 3. DPO at several β
@@ -207,16 +214,55 @@ for kl_coef in PPO_KL_COEFS:
     del ppo
 
 # %% [markdown]
-# ## 5. The frontier
+# ## 5. Online DPO and KTO at the same β
+#
+# Online DPO samples 4 completions per prompt from the *current* policy at every step and pairs
+# the best against the worst by the oracle (`configs/toy/online_dpo.yaml`: 80 steps of 16
+# prompts, lr 1e-3): its pairs stay on-policy. KTO reads DPO's pairs as unpaired rows, chosen
+# desirable and rejected undesirable (`configs/toy/kto.yaml`), as feedback that is a thumbs-up or
+# -down on one answer would be.
+
+# %%
+for beta in DPO_BETAS:
+    seed_everything(0)
+    online = OnlineDPOModule(
+        str(sft_export),
+        reward_fns=["toy"],
+        num_samples=4,
+        max_new_tokens=16,
+        beta=beta,
+        optimizer=adamw(1e-3),
+    )
+    name = f"online_dpo_beta{beta:g}"
+    trainer(name, [], max_epochs=1, limit_train_batches=ONLINE_STEPS, limit_val_batches=0).fit(
+        online, datamodule=data("prompts", str(sft_export), batch_size=16)
+    )
+    results["online_dpo"].append({"beta": beta, **evaluate_module(online)})
+    del online
+
+    seed_everything(0)
+    kto = KTOModule(str(sft_export), beta=beta, optimizer=adamw(2e-4))
+    trainer(f"kto_beta{beta:g}", [], max_epochs=1, log_every_n_steps=20).fit(
+        kto, datamodule=data("unpaired", str(sft_export), batch_size=64)
+    )
+    results["kto"].append({"beta": beta, **evaluate_module(kto)})
+    del kto
+    for method in ("online_dpo", "kto"):
+        row = results[method][-1]
+        print(f"{method} β={beta:g}: oracle reward {row['reward']:+.3f}, KL {row['kl']:.3f} nats")
+
+# %% [markdown]
+# ## 6. The frontier: every method at matched KL
 
 # %%
 sft_reward = results["dpo"][0]["reference_reward"]  # the SFT model's samples (KL 0)
-print(f"{'method':<6} {'β':>6} {'reward':>8} {'gain':>8} {'KL':>7} {'win':>6} {'EOS':>6}")
-for method, key in (("DPO", "beta"), ("PPO", "kl_coef")):
-    for row in results[method.lower()]:
+METHODS = (("dpo", "beta"), ("online_dpo", "beta"), ("kto", "beta"), ("ppo", "kl_coef"))
+print(f"{'method':<10} {'β':>6} {'reward':>8} {'gain':>8} {'KL':>7} {'win':>6} {'EOS':>6}")
+for method, key in METHODS:
+    for row in results[method]:
         gain = row["reward"] - sft_reward
         print(
-            f"{method:<6} {row[key]:>6g} {row['reward']:>+8.3f} {gain:>+8.3f} "
+            f"{method:<10} {row[key]:>6g} {row['reward']:>+8.3f} {gain:>+8.3f} "
             f"{row['kl']:>7.3f} {row['win_rate']:>6.3f} {row['eos_rate']:>6.3f}"
         )
 (OUT / "frontier.json").write_text(json.dumps({"sft_reward": sft_reward, **results}, indent=2))
@@ -224,7 +270,7 @@ for method, key in (("DPO", "beta"), ("PPO", "kl_coef")):
 # the physical limit: the exact optimum of E[r] − β·KL, and best-of-n from the generator
 optimum = optimal_frontier([0.01 * 2000 ** (i / 59) for i in range(60)])
 bon = best_of_n([1, 2, 4, 8, 16, 32, 64])
-for method, key in (("dpo", "beta"), ("ppo", "kl_coef")):
+for method, key in METHODS:
     for row in results[method]:
         best = frontier_reward_at(max(row["kl"], 0.0), optimum)
         print(f"{method} {key}={row[key]:g}: {row['reward'] / best:.0%} of R* at its KL")
@@ -233,14 +279,14 @@ fig, ax = plt.subplots(figsize=(7, 5))
 ax.plot([p["kl"] for p in optimum], [p["reward"] for p in optimum], "k-", label="optimum (exact)")
 ax.plot([p["kl"] for p in bon], [p["reward"] for p in bon], "x--", color="gray", label="best-of-n")
 ax.scatter([0.0], [sft_reward], marker="*", s=200, color="k", label="SFT (reference)", zorder=3)
-for method, key, color in (("dpo", "beta", "C0"), ("ppo", "kl_coef", "C1")):
+for (method, key), color in zip(METHODS, ("C0", "C4", "C2", "C1"), strict=True):
     rows = sorted(results[method], key=lambda r: r["kl"])
     ax.plot(
         [r["kl"] for r in rows],
         [r["reward"] for r in rows],
         "o-",
         color=color,
-        label=method.upper(),
+        label={"online_dpo": "online DPO"}.get(method, method.upper()),
     )
     for r in rows:
         ax.annotate(
@@ -266,8 +312,11 @@ plt.show()
 # corpus's generator and the reward is the oracle, so the optimum of `E[r] − β·KL`, `π* ∝
 # π_ref·exp(r/β)`, is computed exactly (`prefl.tasks.toy_optimum`); the gray line is best-of-n
 # sampling from the generator. Lowering β moves each method along its curve towards more reward
-# and more KL. With the default settings PPO's points lie above DPO's on this toy task: PPO is
-# scored on its own samples at every step, while DPO only ever sees the fixed, offline pairs. Both
-# curves bend: past a few nats, extra KL buys less and less oracle reward, and a learned reward
+# and more KL. With the default settings PPO's points lie above offline DPO's on this toy task:
+# PPO is scored on its own samples at every step, while offline DPO only ever sees the fixed pairs
+# sampled once from the SFT model. Online DPO closes most of that gap with the same loss, because
+# its pairs are the current policy's own samples; KTO, on the same offline data as DPO but read
+# as unpaired rows, lies between them (see the main job's table in docs/toy-task.md). The curves
+# bend: past a few nats, extra KL buys less and less oracle reward, and a learned reward
 # model (PPO's) can start to be exploited there, which an oracle-scored frontier like this one
 # makes visible.
