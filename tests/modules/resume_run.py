@@ -19,7 +19,14 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from prefl import DPOModule, PPOModule, PreferenceDataModule, RewardModule, SFTModule
+from prefl import (
+    DPOModule,
+    OnlineDPOModule,
+    PPOModule,
+    PreferenceDataModule,
+    RewardModule,
+    SFTModule,
+)
 from prefl.training.schedules import WarmupCosineLR
 
 
@@ -43,6 +50,11 @@ def build(kind: str, sft: str) -> tuple[Any, str, int]:
         return DPOModule(sft, lr_scheduler=schedule), "pairs", 12
     if kind == "reward":
         return RewardModule(sft, lr_scheduler=schedule), "pairs", 12
+    if kind == "online_dpo":  # samples seeded by (run, epoch, batch, rank): a resume re-samples
+        module = OnlineDPOModule(
+            sft, reward_fns=["toy"], num_samples=2, max_new_tokens=6, lr_scheduler=schedule
+        )
+        return module, "prompts", 12
     module = PPOModule(
         sft,
         reward_fns=["toy"],

@@ -32,11 +32,11 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("resume_run.py")
-KINDS = ("sft", "dpo", "reward", "ppo")
+KINDS = ("sft", "dpo", "reward", "ppo", "online_dpo")
 # kill after this optimizer step, mid second epoch; LAST: the step of the last checkpoint before
 # (6 steps per epoch; PPO: 4 rollouts of 2 optimizer steps, a checkpoint every 2 rollouts)
-KILL_AT = {"sft": 9, "dpo": 9, "reward": 9, "ppo": 14}
-LAST = {"sft": 8, "dpo": 8, "reward": 8, "ppo": 12}
+KILL_AT = {"sft": 9, "dpo": 9, "reward": 9, "ppo": 14, "online_dpo": 9}
+LAST = {"sft": 8, "dpo": 8, "reward": 8, "ppo": 12, "online_dpo": 8}
 
 
 def _load_script():
