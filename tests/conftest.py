@@ -64,6 +64,28 @@ def assert_close():
 
 
 @pytest.fixture(scope="session")
+def quiet_trainer():
+    """``quiet_trainer(root, **kwargs)``: a CPU ``Trainer`` writing nothing but what a test asks
+    for (no logger, checkpoints, progress bar, model summary or sanity validation) under
+    ``root``; ``kwargs`` add to or override these."""
+    from lightning.pytorch import Trainer
+
+    def build(root, **kwargs):
+        settings = {
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": root,
+        }
+        return Trainer(**{**settings, **kwargs})
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def sft_dir(tmp_path_factory):
     """A toy 'SFT export' on disk (random-init toy Llama, seed 0, and the toy tokenizer): the
     source that DPO, reward and PPO tests load their policy, reference, reward or value model

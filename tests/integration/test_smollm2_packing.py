@@ -16,8 +16,8 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
-from smollm2_support import pairs_data
+from lightning.pytorch import seed_everything
+from smollm2_support import cpu_trainer, pairs_data
 
 from prefl import DPOModule, RewardModule, SFTModule
 from prefl.data.packing import is_packed
@@ -81,16 +81,8 @@ def test_three_steps_end_at_the_padded_weights(stage, smollm2_dir, hh_pairs, tmp
         module = cls(CausalLMSpec(config=SMALL), str(smollm2_dir), optimizer=sgd, **kwargs)
         mode = "sft" if stage == "sft" else "pairs"
         data = pairs_data(smollm2_dir, hh_pairs, mode=mode, **layout)
-        trainer = Trainer(
-            max_steps=3,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            default_root_dir=tmp_path / name,
+        trainer = cpu_trainer(
+            precision="32-true", max_steps=3, limit_val_batches=0, default_root_dir=tmp_path / name
         )
         trainer.fit(module, datamodule=data)
         final[name] = torch.cat([p.detach().flatten() for p in module.parameters()])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from prefl import KTOModule, PreferenceDataModule
 from prefl.losses import kto_loss
@@ -19,17 +19,10 @@ def data(n: int = 8, batch_size: int = 8) -> PreferenceDataModule:
     )
 
 
-def trainer(tmp_path, **kw) -> Trainer:
-    settings = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    return Trainer(**{**settings, **kw})
+@pytest.fixture(scope="module")
+def trainer(quiet_trainer):
+    """The quiet CPU ``Trainer`` factory of ``tests/conftest.py``."""
+    return quiet_trainer
 
 
 def sgd(params):
@@ -57,7 +50,7 @@ def test_step_zero_loss_is_one_half(sft_dir):
         )
 
 
-def test_the_loss_is_kto_loss_of_the_module_log_probs(sft_dir, tmp_path):
+def test_the_loss_is_kto_loss_of_the_module_log_probs(sft_dir, tmp_path, trainer):
     """After two SGD steps the validation loss equals ``kto_loss`` on the policy's and the
     reference's log-probs of the same rows (z from the mismatched completions)."""
     module = built(sft_dir, beta=0.5, desirable_weight=1.5)
@@ -79,7 +72,7 @@ def test_the_loss_is_kto_loss_of_the_module_log_probs(sft_dir, tmp_path):
 @pytest.mark.parametrize(
     "kw", [{"beta": 0.5}, {"desirable_weight": 2.0}, {"undesirable_weight": 2.0}]
 )
-def test_every_option_changes_the_loss(kw, sft_dir, tmp_path):
+def test_every_option_changes_the_loss(kw, sft_dir, tmp_path, trainer):
     losses = {}
     for name, settings in {"default": {}, "changed": kw}.items():
         module = built(sft_dir, **settings)
@@ -106,7 +99,7 @@ def test_apo_zero_unpaired_drops_the_reference_point(sft_dir):
     assert (kto["losses"] - apo["losses"]).abs().max() > 1e-3
 
 
-def test_precomputed_reference_gives_the_live_reference_numbers(sft_dir, tmp_path):
+def test_precomputed_reference_gives_the_live_reference_numbers(sft_dir, tmp_path, trainer):
     metrics = {}
     for precompute in (False, True):
         module = built(sft_dir, precompute_ref_logps=precompute)
@@ -118,7 +111,7 @@ def test_precomputed_reference_gives_the_live_reference_numbers(sft_dir, tmp_pat
         assert metrics[True][key] == pytest.approx(value, abs=1e-5), key
 
 
-def test_lora_kto_trains_adapters_against_the_base(sft_dir, tmp_path):
+def test_lora_kto_trains_adapters_against_the_base(sft_dir, tmp_path, trainer):
     seed_everything(0)
     spec = CausalLMSpec(name_or_path=sft_dir, lora=LoraSpec(r=4, alpha=8))
     module = KTOModule(spec, "toy", optimizer=sgd, lr_scheduler=None)
@@ -129,7 +122,7 @@ def test_lora_kto_trains_adapters_against_the_base(sft_dir, tmp_path):
         assert (module(batch) - module.reference_logps(batch)[0]).abs().max() > 1e-4
 
 
-def test_kto_learns_the_labels(sft_dir, tmp_path):
+def test_kto_learns_the_labels(sft_dir, tmp_path, trainer):
     """Four epochs over 32 toy pairs read as 64 rows: desirable rows' implicit rewards end
     above the undesirable ones' on the held-out rows."""
     module = built(sft_dir, beta=0.1)

@@ -83,25 +83,22 @@ def test_every_sampling_option_changes_the_pairs(kw, sft_dir):
     )
 
 
-def fit(module, tmp_path, steps: int = 3) -> Trainer:
-    dm = PreferenceDataModule(mode="prompts", max_samples=32, batch_size=8, max_length=32)
-    trainer = Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-        val_check_interval=steps,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=dm)
-    return trainer
+@pytest.fixture(scope="module")
+def fit(quiet_trainer):
+    """``fit(module, root, steps=3)``: ``steps`` steps on 32 toy prompts, batches of 8, one
+    validation batch at the end."""
+
+    def run(module, root, steps: int = 3) -> Trainer:
+        dm = PreferenceDataModule(mode="prompts", max_samples=32, batch_size=8, max_length=32)
+        kw = {"max_steps": steps, "limit_val_batches": 1, "val_check_interval": steps}
+        trainer = quiet_trainer(root, **kw)
+        trainer.fit(module, datamodule=dm)
+        return trainer
+
+    return run
 
 
-def test_training_logs_online_and_dpo_metrics(sft_dir, tmp_path):
+def test_training_logs_online_and_dpo_metrics(sft_dir, tmp_path, fit):
     module = built(sft_dir, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     trainer = fit(module, tmp_path)
     metrics = trainer.callback_metrics
@@ -110,14 +107,14 @@ def test_training_logs_online_and_dpo_metrics(sft_dir, tmp_path):
     assert float(metrics["train/online/kl_epoch"]) > 0  # the policy moved off the reference
 
 
-def test_a_full_reference_sync_makes_the_reference_the_policy(sft_dir, tmp_path):
+def test_a_full_reference_sync_makes_the_reference_the_policy(sft_dir, tmp_path, fit):
     module = built(sft_dir, ref_sync_every=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     fit(module, tmp_path, steps=2)
     for ref, pol in zip(module.reference.parameters(), module.model.parameters(), strict=True):
         torch.testing.assert_close(ref, pol.detach(), rtol=0, atol=0)
 
 
-def test_a_round_samples_from_the_policy_at_its_start(sft_dir, tmp_path):
+def test_a_round_samples_from_the_policy_at_its_start(sft_dir, tmp_path, fit):
     """``round_size=4``: after 2 steps the sampler is still the initial policy (its pairs are
     the untrained module's), while the policy itself has moved."""
     module = built(sft_dir, round_size=4, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
@@ -136,7 +133,7 @@ def test_a_round_samples_from_the_policy_at_its_start(sft_dir, tmp_path):
         OnlineDPOModule(sft_dir, reward_fns=["toy"], round_size=0)
 
 
-def test_lora_online_dpo(sft_dir, tmp_path):
+def test_lora_online_dpo(sft_dir, tmp_path, fit):
     spec = CausalLMSpec(name_or_path=sft_dir, lora=LoraSpec(r=4, alpha=8))
     module = built(spec, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     fit(module, tmp_path, steps=2)

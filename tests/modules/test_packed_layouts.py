@@ -38,21 +38,16 @@ def sgd(params):
     return torch.optim.SGD(params, lr=0.5)
 
 
-def fit(module, dm: PreferenceDataModule, tmp_path, steps: int = 3, **kw) -> Trainer:
-    trainer = Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        **kw,
-    )
-    trainer.fit(module, datamodule=dm)
-    return trainer
+@pytest.fixture(scope="module")
+def fit(quiet_trainer):
+    """``fit(module, dm, root, steps=3, **kw)``: train ``steps`` steps, no validation."""
+
+    def run(module, dm: PreferenceDataModule, root, steps: int = 3, **kw) -> Trainer:
+        trainer = quiet_trainer(root, max_steps=steps, limit_val_batches=0, **kw)
+        trainer.fit(module, datamodule=dm)
+        return trainer
+
+    return run
 
 
 def weights(module) -> torch.Tensor:
@@ -65,7 +60,7 @@ def first_batch(dm: PreferenceDataModule) -> dict:
 
 
 @pytest.fixture(scope="module")
-def padded_dpo(sft_dir, tmp_path_factory):
+def padded_dpo(sft_dir, tmp_path_factory, fit):
     seed_everything(0)
     module = DPOModule(sft_dir, "toy", optimizer=sgd, lr_scheduler=None)
     fit(module, data(), tmp_path_factory.mktemp("dpo"))
@@ -73,7 +68,7 @@ def padded_dpo(sft_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_dpo_layouts_match_the_padded_path(layout, sft_dir, padded_dpo, tmp_path):
+def test_dpo_layouts_match_the_padded_path(layout, sft_dir, padded_dpo, tmp_path, fit):
     seed_everything(0)
     module = DPOModule(sft_dir, "toy", optimizer=sgd, lr_scheduler=None)
     module.configure_model()
@@ -100,7 +95,7 @@ def test_step_zero_dpo_loss_is_log_two_in_every_layout(sft_dir):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_reward_layouts_match_the_padded_path(layout, sft_dir, tmp_path):
+def test_reward_layouts_match_the_padded_path(layout, sft_dir, tmp_path, fit):
     runs = {}
     for name, settings in {"padded": {}, layout: LAYOUTS[layout]}.items():
         seed_everything(0)
@@ -115,7 +110,7 @@ def test_reward_layouts_match_the_padded_path(layout, sft_dir, tmp_path):
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_sft_packing_matches_the_padded_path(accumulate, sft_dir, tmp_path):
+def test_sft_packing_matches_the_padded_path(accumulate, sft_dir, tmp_path, fit):
     """Token-mean NLL and the weights after three steps; with ``accumulate_grad_batches=2`` the
     window's token mean spans two packed batches as it spans two padded ones."""
     runs = {}
@@ -180,7 +175,7 @@ def test_reward_predict_reads_packed_batches(mode, layout, sft_dir):
         assert got[key] == pytest.approx(values, rel=1e-5, abs=1e-6)
 
 
-def test_precomputed_reference_logps_are_the_padded_ones(sft_dir, tmp_path):
+def test_precomputed_reference_logps_are_the_padded_ones(sft_dir, tmp_path, fit):
     """``precompute_ref_logps`` scores the splits through the data module's collator, packed
     here: the stored columns equal the padded run's, row by row."""
     columns = {}
