@@ -13,16 +13,42 @@ alternate, and the table reports medians and prefl/TRL ratios.
 Run (about 4 minutes on 2 CPU cores)::
 
     python benchmarks/dpo_vs_trl.py [--steps 60 --batch 8 --repeats 3 --threads 2]
+
+Real data (``--data hh``, see :mod:`hh_data`): Anthropic HH pairs in SmolLM2's chat template, a
+random-init SmolLM2-width Llama (10 layers, tied 49k embeddings; per token, forward: body 70.8
+MFLOP, LM head 56.6 MFLOP, so the body is 56% of a position that is projected), ``max_length``
+512, prompts of at most 256 tokens (longer rows left out, so that neither side truncates), and
+five variants side by side: prefl padded / packed / packed + shared prompt, TRL at its defaults
+and TRL grouped by length. TRL 1.16 already projects only the completion positions through the
+LM head (its fused head), as prefl does; its ``padding_free`` is disabled in this release (it
+warns and pads), and ``precompute_ref_log_probs`` (prefl: ``precompute_ref_logps``) would move
+the reference forward out of the timed loop on both sides, so it is off. ``--layouts`` on toy
+rows runs the three prefl layouts alone::
+
+    python benchmarks/dpo_vs_trl.py --data hh [--steps 5 --batch 4 --repeats 3]
+    python benchmarks/dpo_vs_trl.py --layouts --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from hh_workers import (
+    add_layout_options,
+    count_trl,
+    finish_layout_worker,
+    parse,
+    prefl_layout_data,
+    prepare_layouts,
+    trl_layout_args,
+    variants,
+)
+from layout_report import compare_variants
 from trl_harness import (
     StepClock,
     finish_worker,
@@ -52,9 +78,38 @@ META: dict[str, Any] = {
         "torch threads; no logging, evaluation, checkpointing or progress bar",
     ],
 }
+HH_META: dict[str, Any] = {
+    "name": "dpo_vs_trl_hh",
+    "unit": "pairs",
+    "title": "DPO on HH rows (SmolLM2 tokenizer, 10-layer SmolLM2-width Llama)",
+    "matched": [
+        "model: one random-init Llama (10 layers, hidden 576, 9 heads / 3 KV heads, MLP 1536, "
+        "vocab 49152, tied embeddings), float32, sdpa; frozen reference copy; sigmoid, beta 0.1",
+        "data: the same HH rows (prefl's parser) from one JSONL, rendered by both with SmolLM2's "
+        "chat template; rows needing truncation left out, so neither side truncates: the same "
+        "token ids, except that TRL keeps the newline the template writes after each reply's "
+        "<|im_end|> (one more token per sequence; prefl ends a reply at <|im_end|>)",
+        "LM head on the completion positions only, on both sides",
+        "JSONL: all 1961 HH rows that fit; each run trains on its sampler's first batch x "
+        "steps rows; batch size, AdamW, clipping, threads as in the toy benchmark",
+    ],
+    "differs": [
+        "batch composition: each sampler's own order (prefl's seeded shuffle, the same rows "
+        "for every prefl layout; TRL's random / length-grouped sampler), so speeds are data "
+        "tokens/s and pairs/s = that / the mean data tokens of a pair of the JSONL",
+    ],
+}
+TOY_LAYOUTS_META: dict[str, Any] = {
+    "name": "dpo_layouts_toy",
+    "unit": "pairs",
+    "title": "DPO on toy rows: prefl's layouts",
+    "matched": META["matched"],
+}
+PREFL_VARIANTS = ["prefl_padded", "prefl_packed", "prefl_shared"]
+HH_VARIANTS = [*PREFL_VARIANTS, "trl_default", "trl_grouped"]
 
 
-def run_prefl(args: argparse.Namespace, clock: StepClock) -> None:
+def run_prefl(args: argparse.Namespace, clock: StepClock) -> Any:
     """``PreferenceDataModule`` + ``DPOModule`` under a Lightning ``Trainer``."""
     from lightning.pytorch import seed_everything
 
@@ -62,7 +117,11 @@ def run_prefl(args: argparse.Namespace, clock: StepClock) -> None:
 
     seed_everything(args.seed, verbose=False)
     model_dir = str(args.workdir / "model")
-    data = prefl_data(args, "pairs")
+    counter = None
+    if args.variant:
+        data, counter = prefl_layout_data(args, "pairs")
+    else:
+        data = prefl_data(args, "pairs")
     module = DPOModule(
         model_dir,
         beta=BETA,
@@ -71,9 +130,10 @@ def run_prefl(args: argparse.Namespace, clock: StepClock) -> None:
         lr_scheduler=None,
     )
     prefl_trainer(args, clock).fit(module, datamodule=data)
+    return counter
 
 
-def run_trl(args: argparse.Namespace, clock: StepClock) -> None:
+def run_trl(args: argparse.Namespace, clock: StepClock) -> Any:
     """TRL's ``DPOTrainer`` on the same directory and JSONL file."""
     from datasets import load_dataset
     from transformers import AutoTokenizer
@@ -86,6 +146,7 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> None:
         beta=BETA,
         loss_type=["sigmoid"],
         max_length=args.max_length,
+        **(trl_layout_args(args) if args.variant else {}),
     )
     trainer = DPOTrainer(
         model=model_dir,
@@ -94,19 +155,33 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> None:
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         callbacks=[trl_clock(clock)],
     )
+    counter = count_trl(trainer, args) if args.variant else None
     trainer.train()
+    return counter
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Compare the libraries (or, with ``--worker``, run one of them and print its result)."""
     parser = base_parser(__doc__.split("\n")[0], steps=60, batch=8, lr=5e-5)
-    args = parser.parse_args(argv)
+    hh = {"steps": 5, "warmup": 1, "batch": 4, "max_length": 512, "max_prompt_length": 256}
+    add_layout_options(parser, hh)
+    args = parse(parser, argv)
+    script = Path(__file__).resolve()
+    if args.worker is None and (args.data == "hh" or args.layouts):
+        names = args.variants.split(",") if args.variants else None
+        names = names or (HH_VARIANTS if args.data == "hh" else PREFL_VARIANTS)
+        meta = HH_META if args.data == "hh" else TOY_LAYOUTS_META
+        prepare = functools.partial(prepare_layouts, mode="pairs")
+        return compare_variants(script, args, prepare, meta, variants(names))
     if args.worker is None:
-        return compare(Path(__file__).resolve(), args, prepare_pairs, META)
+        return compare(script, args, prepare_pairs, META)
     torch.set_num_threads(args.threads)
     clock = StepClock()
-    (run_prefl if args.worker == "prefl" else run_trl)(args, clock)
-    finish_worker(clock, args, samples_per_step=args.batch)
+    counter = (run_prefl if args.worker == "prefl" else run_trl)(args, clock)
+    if counter is not None:
+        finish_layout_worker(clock, args, counter)
+    else:
+        finish_worker(clock, args, samples_per_step=args.batch)
     return None
 
 

@@ -283,9 +283,14 @@ def prefl_trainer(args: argparse.Namespace, clock: StepClock, clip: bool = True)
     )
 
 
-def finish_worker(clock: StepClock, args: argparse.Namespace, samples_per_step: int) -> None:
+def finish_worker(
+    clock: StepClock,
+    args: argparse.Namespace,
+    samples_per_step: int,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Print the worker's result line: throughput over the steps after the warmup, step times,
-    the model facts recorded at train start and this process's peak RSS."""
+    the model facts recorded at train start and this process's peak RSS (plus ``extra``)."""
     ends = clock.ends
     if len(ends) <= args.warmup:
         raise RuntimeError(f"only {len(ends)} steps ran; need more than --warmup={args.warmup}")
@@ -311,4 +316,5 @@ def finish_worker(clock: StepClock, args: argparse.Namespace, samples_per_step: 
     if COMPLETION_WORDS:
         result["completions_scored"] = len(COMPLETION_WORDS)
         result["mean_completion_words"] = sum(COMPLETION_WORDS) / len(COMPLETION_WORDS)
+    result.update(extra or {})
     print(RESULT_PREFIX + json.dumps(result), flush=True)
