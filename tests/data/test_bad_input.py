@@ -290,7 +290,7 @@ def test_remapped_column_that_is_not_there(tmp_path):
     ("kwargs", "msg"),
     [
         ({"row_format": "hh"}, "row_format must be one of"),
-        ({"mode": "dpo"}, "mode must be one of ['pairs', 'prompts', 'sft'], got 'dpo'"),
+        ({"mode": "dpo"}, "mode must be one of ['pairs', 'prompts', 'sft', 'unpaired'], got 'dpo'"),
         ({"max_samples": 0}, "max_samples must be >= 1"),
     ],
 )
