@@ -49,6 +49,11 @@ def test_dpo_raises_held_out_accuracy_and_exports_a_plain_model(smollm2_dir, hh_
     runs that differ only in incidental ways here), while a broken mask or a sign error (which
     lands at or below 0.5) still fails. The training pairs' loss must be below ln 2 -
     0.05.
+    The first step's loss is ln 2 up to bf16 rounding: the policy's forward runs with autograd
+    and the reference's without, and under bf16 autocast the CPU may pick different kernels for
+    the two (one CI run saw 0.683, a 0.2-nat summed log-ratio over ~100 reply tokens), so it is
+    held to 0.03 here; its exactness (1e-5) is asserted in float32 on real HH rows in
+    ``test_smollm2_packing.py``.
     """
     data = pairs_data(smollm2_dir, hh_pairs)
     seed_everything(0)
@@ -64,7 +69,7 @@ def test_dpo_raises_held_out_accuracy_and_exports_a_plain_model(smollm2_dir, hh_
     accuracy = float(trainer.callback_metrics["val/rewards/accuracies"])
     train_loss = training_pairs_loss(trainer, dpo, smollm2_dir, hh_pairs)
     print(f"DPO held-out accuracy {accuracy:.3f}; training-pairs loss 0.693 -> {train_loss:.3f}")
-    assert losses.losses[0] == pytest.approx(math.log(2), abs=1e-3)
+    assert losses.losses[0] == pytest.approx(math.log(2), abs=0.03)
     assert accuracy > 0.55
     assert train_loss < math.log(2) - 0.05
 
