@@ -5,9 +5,9 @@ rejected``) on a row of its own, right-padded to the longest; on real preference
 those positions are padding, and every prompt is there twice. Two layouts remove that waste
 without changing which rows form the batch (the collator lays out what the sampler chose):
 
-- **packing**: the batch's *units* are laid end to end in rows of at most ``row_length`` tokens
-  (first fit, longest unit first); each unit's positions restart at 0, and attention never
-  crosses a unit boundary.
+- **packing**: the batch's *units* are laid end to end, all in one row, or in rows of at most
+  ``row_length`` tokens (first fit, longest unit first); each unit's positions restart at 0, and
+  attention never crosses a unit boundary.
 - **prompt sharing** (``pairs``): a unit is ``prompt | chosen | rejected``, the prompt once. The
   rejected tokens attend to the prompt and to themselves, never to the chosen tokens, and their
   positions continue from the prompt's end as if the chosen tokens were not there, so they see
@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from prefl.functional.segments import FIRST, PROMPT, SECOND
+
 #: The keys of a packed batch (besides the per-row passthrough columns such as ``margin``).
 PACKED_KEYS = (
     "packed_input_ids",
@@ -47,7 +49,7 @@ PACKED_KEYS = (
     "target_sequence",
     "last_index",
 )
-PROMPT, FIRST, SECOND = 0, 1, 2
+__all__ = ["FIRST", "PACKED_KEYS", "PROMPT", "SECOND", "Unit", "lay_out", "packed_units"]
 
 
 @dataclass
@@ -94,12 +96,16 @@ def shared_unit(
     return unit
 
 
-def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def first_fit(lengths: Sequence[int], capacity: int | None) -> list[list[int]]:
     """Unit indices per row: longest first, each into the first row with room (a unit longer
-    than ``capacity`` gets a row of its own); rows keep their units in that order."""
+    than ``capacity`` gets a row of its own); rows keep their units in that order. ``capacity``
+    None: one row holds every unit."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if capacity is None:
+        return [order] if order else []
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    for i in order:
         row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
         if row is None:
             rows.append([])

@@ -5,10 +5,16 @@ attention mask and the position ids, which the batch carries as ``packed_segment
 ``packed_branch`` and ``packed_position_ids``. How the mask reaches the model depends on its
 attention implementation (``config._attn_implementation``):
 
-- ``sdpa`` and ``eager``: an explicit ``(R, 1, L, L)`` mask (boolean for ``sdpa``, additive for
-  ``eager``), which transformers passes to the kernel as it is: position ``q`` sees ``k <= q`` of
-  its own segment whose branch is the prompt's or ``q``'s own. It holds every layout, prompt
-  sharing included.
+- ``sdpa`` (the default on a CPU): attention unit by unit with the causal kernel
+  (:func:`prefl.functional.segments.segment_attention`), so a row costs the sum of its units'
+  attention, not ``L²``. The model's attention implementation is switched, on its first packed
+  batch, to :data:`SEGMENTS` (registered with transformers on import), which is ``sdpa`` itself
+  for every call that does not carry a layout (padded batches, generation), and the batch's spans
+  travel to the attention layers as the keyword :data:`LAYOUT_KEY`. It holds every layout, prompt
+  sharing included. A model with sliding-window attention takes the explicit mask below instead.
+- ``eager``: an explicit additive ``(R, 1, L, L)`` mask, which transformers passes to the kernel
+  as it is: position ``q`` sees ``k <= q`` of its own segment whose branch is the prompt's or
+  ``q``'s own. It holds every layout, prompt sharing included.
 - ``flash_attention_2`` / ``_3`` and ``flex_attention``: no mask, only the position ids, from which
   transformers finds the packed sequences itself (flash-attention's variable-length kernel, or a
   block-diagonal flex mask). That holds packing, not prompt sharing, whose rejected tokens must
@@ -20,14 +26,54 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from prefl.data.packing import SECOND
+from prefl.functional.segments import row_spans, segment_attention
 from prefl.functional.selected import indexed_logits, indexed_sequence_logps
 
+#: The attention implementation prefl registers: ``sdpa``, unit by unit when a packed layout is
+#: passed (as :data:`LAYOUT_KEY`), plain ``sdpa`` otherwise.
+SEGMENTS = "prefl_segments"
+#: The keyword that carries a packed batch's spans (:func:`prefl.functional.segments.row_spans`)
+#: through the model's ``forward`` to its attention layers.
+LAYOUT_KEY = "prefl_spans"
 #: Implementations that take prefl's explicit mask, and those that find packed sequences from the
 #: position ids (packing without prompt sharing).
-EXPLICIT_MASK = ("sdpa", "eager")
+EXPLICIT_MASK = ("sdpa", "eager", SEGMENTS)
 FROM_POSITIONS = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _segments_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Transformers' attention-function signature for :data:`SEGMENTS`: ``(B, H, T, D)`` query,
+    key and value in, ``(B, T, H, D)`` out."""
+    spans = kwargs.pop(LAYOUT_KEY, None)
+    if spans is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise PackedAttentionError(
+            "packed layouts: this model's attention has a sliding window or soft-capping, which "
+            "prefl's unit-by-unit attention does not apply; use attn_implementation 'eager'"
+        )
+    out = segment_attention(query, key, value, spans, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENTS, _segments_forward)
+AttentionMaskInterface.register(SEGMENTS, sdpa_mask)
 
 
 class PackedAttentionError(ValueError):
@@ -56,8 +102,19 @@ def layout_mask(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     return (causal[None] & same & visible)[:, None]
 
 
+def _windowed(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s attention has a sliding window (which unit-by-unit attention lacks)."""
+    config = getattr(model, "config", None)
+    return (
+        bool(getattr(config, "sliding_window", None))
+        and getattr(config, "use_sliding_window", True) is not False
+    )
+
+
 def packed_model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-    """``input_ids``, ``position_ids`` and ``attention_mask`` of a packed batch for ``model``.
+    """The keyword inputs of ``model`` for a packed batch: ``input_ids``, ``position_ids`` and
+    ``attention_mask`` (and, for ``sdpa`` models, the spans as :data:`LAYOUT_KEY`; such a model's
+    attention implementation becomes :data:`SEGMENTS`, see the module's docstring).
 
     Raises:
         PackedAttentionError: Prompt sharing with an implementation that finds sequences from
@@ -69,6 +126,11 @@ def packed_model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[s
         "position_ids": batch["packed_position_ids"],
     }
     shared = bool((batch["packed_branch"] == SECOND).any())
+    if impl in ("sdpa", SEGMENTS) and not _windowed(model):
+        model.config._attn_implementation = SEGMENTS
+        spans = row_spans(batch["packed_segment"], batch["packed_branch"])
+        ones = torch.ones_like(batch["packed_input_ids"])  # no padding: sdpa's mask is skipped
+        return {**inputs, "attention_mask": ones, LAYOUT_KEY: spans}
     if impl in EXPLICIT_MASK:
         allowed = layout_mask(batch["packed_segment"], batch["packed_branch"])
         if impl == "eager":

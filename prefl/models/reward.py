@@ -167,6 +167,7 @@ class RewardModel(torch.nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
         read_at: torch.Tensor | None = None,
+        **layout: Any,
     ) -> torch.Tensor:
         """Rewards ``(B,)`` of ``input_ids`` ``(B, T)``, padded left or right (mask 1 = real),
         read at each row's last real token by the mask, also where PAD is EOS
@@ -174,10 +175,11 @@ class RewardModel(torch.nn.Module):
 
         With ``read_at`` (packed rows, see :meth:`packed`): ``attention_mask`` is the layout's
         mask (4D, or None), ``position_ids`` its positions, and the rewards ``(S,)`` are the
-        head's outputs at the flat positions ``read_at`` ``(S,)``.
+        head's outputs at the flat positions ``read_at`` ``(S,)``; ``layout`` holds what else the
+        layout passes to the model (:func:`prefl.models.packed.packed_model_inputs`).
         """
         if read_at is not None:
-            return self._read_at(input_ids, attention_mask, position_ids, read_at)
+            return self._read_at(input_ids, attention_mask, position_ids, read_at, layout)
         kwargs = {}
         if not bool(attention_mask[:, 0].all()):  # left padding: positions follow the mask
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -195,6 +197,7 @@ class RewardModel(torch.nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         read_at: torch.Tensor,
+        layout: dict[str, Any],
     ) -> torch.Tensor:
         """The head's per-position outputs at ``read_at``: the classifier's own forward runs
         (its pooling, which packed rows do not fit, is ignored)."""
@@ -208,6 +211,7 @@ class RewardModel(torch.nn.Module):
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,
+                **layout,
             )
         finally:
             handle.remove()
@@ -217,13 +221,7 @@ class RewardModel(torch.nn.Module):
         """Rewards ``(S,)`` of the sequences of a packed batch (:mod:`prefl.data.packing`), each
         read at its last token (``last_index``), through this module's ``forward`` (so that a
         sharded model's hooks run)."""
-        inputs = packed_model_inputs(self.model, batch)
-        return self(
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            inputs["position_ids"],
-            read_at=batch["last_index"],
-        )
+        return self(**packed_model_inputs(self.model, batch), read_at=batch["last_index"])
 
     @torch.no_grad()
     def score(
