@@ -76,8 +76,8 @@ class PreferenceCollator:
         packing: Lay the batch's sequences (or shared pairs) end to end in rows of at most
             ``row_length`` tokens (``pairs`` and ``sft``; see :mod:`prefl.data.packing`).
         share_prompt: Lay each pair out once as ``prompt | chosen | rejected`` (``pairs``).
-        row_length: Most tokens of a packed row; a longer unit gets a row of its own. Needed
-            with ``packing``.
+        row_length: Most tokens of a packed row; a longer unit gets a row of its own. None =
+            the whole batch in one row.
     """
 
     def __init__(
@@ -97,8 +97,8 @@ class PreferenceCollator:
             raise ValueError("packing: unpaired (KTO) batches are not packed yet")
         if share_prompt and mode != "pairs":
             raise ValueError(f"share_prompt: only pairs share a prompt, not mode {mode!r}")
-        if packing and (row_length is None or row_length < 2):
-            raise ValueError(f"packing needs a row_length >= 2, got {row_length}")
+        if packing and row_length is not None and row_length < 2:
+            raise ValueError(f"packing_length must be >= 2 (or None: one row), got {row_length}")
         self.pad_token_id, self.mode, self.multiple = pad_token_id, mode, pad_to_multiple_of
         self.packing, self.share_prompt, self.row_length = packing, share_prompt, row_length
 

@@ -111,9 +111,11 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         share_prompt: Lay each pair out once as ``prompt | chosen | rejected`` (``pairs``): the
             prompt is computed once, and the rejected tokens see only the prompt and
             themselves. With or without ``packing``.
-        packing_length: Most tokens per packed row; None = ``max_length`` (twice that with
-            ``share_prompt``, whose units hold two completions). A longer unit gets a row of
-            its own.
+        packing_length: Most tokens per packed row (a longer unit gets a row of its own);
+            None = the whole batch in one row. One row is the fastest layout with ``sdpa``
+            (attention is computed unit by unit, :mod:`prefl.models.packed`) and with
+            flash-attention or flex attention; bound it for ``eager`` attention and for
+            sliding-window models, which take a dense ``(L, L)`` mask per row.
         error_on_drop: Raise instead of dropping rows (identical pairs, rows that cannot fit,
             HH transcripts that do not parse).
         trust_remote_code: Allow a hub tokenizer's own code to run (off by default).
@@ -183,7 +185,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             label_column,
         )
         self.limits = Limits(max_length, max_prompt_length)
-        row_length = packing_length or max_length * (2 if share_prompt else 1)
+        row_length = packing_length
         self.collator = PreferenceCollator(
             self.tokenizer.pad_token_id, mode, pad_to_multiple_of, packing, share_prompt, row_length
         )

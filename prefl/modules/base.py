@@ -31,6 +31,7 @@ from prefl.models.sharding import (
 )
 from prefl.training.checkpoints import CheckedCheckpointIO
 from prefl.training.guard import NonFiniteGuardMixin
+from prefl.training.precision import warn_if_slow_cpu_bf16
 from prefl.training.schedules import WarmupCosineLR
 
 
@@ -99,6 +100,9 @@ class CausalLMModule(NonFiniteGuardMixin, LightningModule):
         warnings.filterwarnings(
             "ignore", message=r"Precision .*-mixed is not supported by the model summary"
         )
+        if self._trainer is not None:  # bf16 emulated by this CPU: ~100x slower, say so
+            on_cpu = self._trainer.strategy.root_device.type == "cpu"
+            warn_if_slow_cpu_bf16(self._trainer.precision, on_cpu)
 
     def configure_model(self) -> None:
         """Build the models once (:meth:`build_models`); under Lightning's

@@ -10,8 +10,9 @@ a second or two instead of the GGUF's ten or more.
 The data are the short HH transcripts (:data:`MAX_CHARS`), read in the model's chat template
 (``row_format="hh_chat"``): the first :data:`N_TRAIN` for training and the next :data:`N_HELD_OUT`
 held out. The model has 135M parameters, so every test runs a handful of optimizer steps at most
-with ``bf16-mixed`` autocast (about twice as fast as float32 on a CPU with AMX / AVX-512 bf16,
-see docs/real-model.md) on two intra-op threads.
+at this CPU's fast precision (``bf16-mixed`` autocast where the CPU has AMX / AVX-512 BF16,
+about twice as fast as float32 there; float32 elsewhere, where bf16 is emulated and about 100x
+slower: :func:`prefl.training.precision.cpu_precision`) on two intra-op threads.
 """
 
 from __future__ import annotations

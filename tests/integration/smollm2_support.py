@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from prefl import HFExport, PreferenceDataModule, RewardModule
+from prefl.training.precision import cpu_precision
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: SmolLM2's vocabulary: prefl must neither add a token nor resize the embeddings.
@@ -57,12 +58,13 @@ class MetricHistory(Callback):
 
 
 def cpu_trainer(**kwargs: Any) -> Trainer:
-    """A quiet CPU ``Trainer`` with ``bf16-mixed`` autocast: no logger, no checkpoints, no
-    progress bar, no sanity validation; ``kwargs`` add to or override these."""
+    """A quiet CPU ``Trainer`` at the fast precision of this CPU (``bf16-mixed`` where bf16 is
+    native, float32 elsewhere: :func:`prefl.training.precision.cpu_precision`): no logger, no
+    checkpoints, no progress bar, no sanity validation; ``kwargs`` add to or override these."""
     settings: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": 1,
-        "precision": "bf16-mixed",
+        "precision": cpu_precision(),
         "logger": False,
         "enable_checkpointing": False,
         "enable_progress_bar": False,

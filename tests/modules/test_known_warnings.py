@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from prefl import DPOModule, PPOModule, PreferenceDataModule
+from prefl.training.precision import cpu_has_native_bf16
 
 
 def _fit(tmp_path, sft_dir, extra_eval_module: bool) -> list[str]:
@@ -39,6 +40,8 @@ def test_a_dpo_run_in_bf16_mixed_has_neither_warning(tmp_path, sft_dir):
     messages = _fit(tmp_path, sft_dir, extra_eval_module=False)
     assert not [m for m in messages if "in eval mode at the start of training" in m]
     assert not [m for m in messages if "is not supported by the model summary" in m]
+    emulated = not cpu_has_native_bf16()  # this warning tells the user something: it stays
+    assert any("on a CPU without native bf16" in m for m in messages) == emulated
 
 
 def test_a_module_prefl_did_not_freeze_still_warns(tmp_path, sft_dir):
