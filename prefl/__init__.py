@@ -26,7 +26,9 @@ _EXPORTS = {
     "RewardReport": "prefl.callbacks",
     "RewardWriter": "prefl.callbacks",
     "SFTModule": "prefl.modules",
+    "SampleModule": "prefl.modules",
     "SampleReport": "prefl.callbacks",
+    "SampleWriter": "prefl.callbacks",
     "WarmupCosineLR": "prefl.training",
     "build_causal_lm": "prefl.models",
     "load_tokenizer": "prefl.data",
@@ -51,7 +53,9 @@ __all__ = [
     "RewardReport",
     "RewardWriter",
     "SFTModule",
+    "SampleModule",
     "SampleReport",
+    "SampleWriter",
     "WarmupCosineLR",
     "bradley_terry_loss",
     "build_causal_lm",
@@ -63,7 +67,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from prefl.callbacks import EvalCallback, HFExport, RewardReport, RewardWriter, SampleReport
+    from prefl.callbacks import (
+        EvalCallback,
+        HFExport,
+        RewardReport,
+        RewardWriter,
+        SampleReport,
+        SampleWriter,
+    )
     from prefl.data import PreferenceDataModule, load_tokenizer
     from prefl.functional import masked_mean, sequence_logps
     from prefl.losses import bradley_terry_loss, dpo_loss, kto_loss
@@ -74,6 +85,7 @@ if TYPE_CHECKING:
         OnlineDPOModule,
         PPOModule,
         RewardModule,
+        SampleModule,
         SFTModule,
     )
     from prefl.training import WarmupCosineLR

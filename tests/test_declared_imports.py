@@ -4,8 +4,8 @@ The check reads the files and ``pyproject.toml`` only (``ast`` and ``tomllib``),
 depend on what happens to be installed: a package that a hand-installed environment hides from the
 other tests still fails here. Each folder may use the core dependencies plus its own extras:
 
-- ``prefl/``: core, plus the optional features ``peft``, ``deepspeed`` and ``real`` (imported where
-  used);
+- ``prefl/``: core, plus the optional features ``peft``, ``deepspeed``, ``real`` and ``label``
+  (imported where used);
 - ``notebooks/``: core only (the README's first command is all a notebook reader installs);
 - ``tests/``: core plus ``dev`` (the README's test command);
 - ``benchmarks/``: core plus ``bench``.
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "prefl"
 # folder -> the extras its files may draw on, beside the core dependencies
 SCOPES: dict[str, tuple[str, ...]] = {
-    "prefl": ("peft", "deepspeed", "real"),
+    "prefl": ("peft", "deepspeed", "real", "label"),
     "notebooks": (),
     "tests": ("dev",),
     "benchmarks": ("bench",),
@@ -157,7 +157,7 @@ def _project(tmp_path: Path, files: dict[str, str]) -> Path:
     (tmp_path / "pyproject.toml").write_text(
         '[project]\nname = "prefl"\ndependencies = ["torch>=2.4", "PyYAML>=6"]\n'
         "[project.optional-dependencies]\n"
-        'peft = ["peft>=0.13"]\ndeepspeed = []\nreal = []\n'
+        'peft = ["peft>=0.13"]\ndeepspeed = []\nreal = []\nlabel = []\n'
         'dev = ["prefl[peft]", "pytest>=8"]\nbench = []\n',
         encoding="utf-8",
     )
@@ -181,7 +181,8 @@ def test_an_undeclared_import_is_named_with_file_line_and_distribution(tmp_path)
     )
     assert undeclared(root) == [
         "prefl/core.py:6: import `matplotlib` needs distribution `matplotlib`, which "
-        "pyproject.toml does not declare for prefl/ (allowed there: core, peft, deepspeed, real)",
+        "pyproject.toml does not declare for prefl/ (allowed there: core, peft, deepspeed, real, "
+        "label)",
         "tests/test_bench.py:2: import `other` needs distribution `other`, which "
         "pyproject.toml does not declare for tests/ (allowed there: core, dev)",
         "tests/test_x.py:4: import `pandas` needs distribution `pandas`, which "

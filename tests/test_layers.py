@@ -1,8 +1,9 @@
 """The package's folders are its layers, and dependencies point only down.
 
 The order, lowest first: ``tasks`` (pure Python), ``functional`` and ``losses`` (torch only),
-``data``, ``models``, ``generation``, ``training``, ``modules``, ``callbacks``, then the entry
-points at the top (``cli``, ``pipeline``, ``toy``, ``__init__``, ``__main__``). A module may
+``data``, ``models``, ``generation``, ``training``, ``modules``, ``callbacks``, ``labelling``
+(``prefl pairs`` and ``prefl label``), then the entry points at the top (``cli``,
+``lightning_cli``, ``pipeline``, ``toy``, ``__init__``, ``__main__``). A module may
 import its own layer and the layers below it, never one above; and no module below the top imports
 prefl inside a function, the usual way to hide a cycle (the entry points import lazily so that
 ``--help`` answers at once; nothing imports them, so no cycle can hide there). The check parses
@@ -28,6 +29,7 @@ LAYERS = [
     "training",
     "modules",
     "callbacks",
+    "labelling",
     "top",
 ]
 #: third-party packages a layer may import (None = any); the standard library is always allowed

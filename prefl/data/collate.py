@@ -13,7 +13,9 @@ Batch keys (keep them stable, every module reads them):
   :mod:`prefl.data.unpaired`), all right-padded to one common length, and ``label`` ``(B,)``
   bool (True = desirable); ``ref_logps`` / ``ref_kl_logps`` ``(B,)`` once precomputed.
 - ``prompts``: ``prompt_input_ids``, ``prompt_attention_mask`` ``(B, P)``, left-padded for
-  generation; plus ``prompt`` (the prompt texts, a list of ``B`` strings) for reward functions.
+  generation; plus ``prompt`` (the prompt texts, a list of ``B`` strings) for reward functions;
+  plus, from a data module's split, ``row`` ``(B,)`` long (each prompt's row id in its source
+  split) and ``prompt_source`` (each prompt as the source gave it: a text or a message list).
 
 Masks are 1 on real tokens (attention) or on completion tokens (loss) and 0 elsewhere; padding
 uses the tokenizer's PAD id (which may be EOS: the masks tell them apart).
@@ -25,12 +27,18 @@ per-row passthrough columns).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from prefl.data.packing import first_fit, lay_out, packed_units
+
+#: Per-row columns of a data module's ``prompts`` split (added by
+#: :func:`prefl.data.prompts.add_prompt_sources`): the row id, and the prompt as its source gave
+#: it (JSON-encoded).
+ROW, PROMPT_SOURCE = "row", "prompt_source"
 
 #: Per-row float columns passed through as ``(B,)`` tensors when the dataset has them: the
 #: margin, reference log-probs precomputed by ``DPOModule(precompute_ref_logps=True)``, and the
@@ -167,8 +175,13 @@ class PreferenceCollator:
     def _prompts(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         prompts = [e["prompt_ids"] for e in examples]
         length = padded_length([len(p) for p in prompts], self.multiple)
-        return {
+        batch = {
             "prompt_input_ids": pad(prompts, self.pad_token_id, length, left=True),
             "prompt_attention_mask": pad([[1] * len(p) for p in prompts], 0, length, left=True),
             "prompt": [e["prompt"] for e in examples],
         }
+        if ROW in examples[0]:
+            batch[ROW] = torch.tensor([e[ROW] for e in examples], dtype=torch.long)
+        if PROMPT_SOURCE in examples[0]:
+            batch[PROMPT_SOURCE] = [json.loads(e[PROMPT_SOURCE]) for e in examples]
+        return batch

@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import os
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from prefl.data.accounting import keep_and_count
 from prefl.data.boundary import count_merged
-from prefl.data.collate import PreferenceCollator
+from prefl.data.collate import ROW, PreferenceCollator
 from prefl.data.formats import Columns
 from prefl.data.hh import hh_to_conversational
+from prefl.data.prompts import add_prompt_sources
 from prefl.data.sampling import (
     MarkedDataset,
     ResumableTrainData,
@@ -116,6 +119,9 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             (attention is computed unit by unit, :mod:`prefl.models.packed`) and with
             flash-attention or flex attention; bound it for ``eager`` attention and for
             sliding-window models, which take a dense ``(L, L)`` mask per row.
+        predict_by_length: ``predict`` in ``prompts`` mode serves the prompts longest first
+            (rows of equal length in row order), so each ``generate`` call pads its prompts
+            little; off = row order. Either way the order is deterministic (no shuffle).
         error_on_drop: Raise instead of dropping rows (identical pairs, rows that cannot fit,
             HH transcripts that do not parse).
         trust_remote_code: Allow a hub tokenizer's own code to run (off by default).
@@ -155,6 +161,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         packing: bool = False,
         share_prompt: bool = False,
         packing_length: int | None = None,
+        predict_by_length: bool = True,
         error_on_drop: bool = False,
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
@@ -191,6 +198,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         )
         self.datasets: dict[str, datasets.Dataset] = {}
         self.stats: dict[str, dict[str, Any]] = {}
+        self.predict_skip: frozenset[int] = frozenset()
 
     def prepare_data(self) -> None:
         """Download (or generate) the raw data once, on one process per node."""
@@ -297,6 +305,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             num_proc=h.num_proc,
             desc=f"prefl: tokenizing {split}",
         )
+        if mode == "prompts":  # row ids and the prompts as given, for samples written from them
+            mapped = add_prompt_sources(mapped, ds, fmt, self.columns)
         kept = keep_and_count(split, ds, mapped, self.stats, h.error_on_drop, unparsed)
         kept = count_merged(split, kept, self.stats)
         if self.mode != "unpaired":
@@ -307,15 +317,27 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         self.stats[split]["labels"] = label_counts(kept)
         return kept
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _split(self, split: str) -> datasets.Dataset:
         if split not in self.datasets:
             raise ValueError(
                 f"no {split!r} split: dataset {self.dataset!r} has none (for a "
                 "validation split set val_fraction)"
             )
+        return self.datasets[split]
+
+    def _loader(
+        self,
+        split: str,
+        train: bool,
+        dataset: datasets.Dataset | None = None,
+        by_length: bool | None = None,
+    ) -> DataLoader:
+        """Batches of ``split`` (or of ``dataset``, a selection of its rows); for
+        ``dataset`` and ``by_length`` see :meth:`_sampler`."""
         h = self.hparams
+        dataset = self._split(split) if dataset is None else dataset
         size = h.batch_size if train else (h.eval_batch_size or h.batch_size)
-        dataset, (sampler, marked) = self.datasets[split], self._sampler(split, train)
+        sampler, marked = self._sampler(split, train, dataset, by_length)
         if train and sampler is not None:
             self.train_position.apply(sampler, size)  # a run resumed mid-epoch goes on there
         return DataLoader(
@@ -327,15 +349,25 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             persistent_workers=h.num_workers > 0,
         )
 
-    def _sampler(self, split: str, train: bool) -> tuple[WeightedDistributedSampler | None, bool]:
-        """The sampler, and whether rows carry ``sample_weight`` (see :func:`choose_sampler`)."""
+    def _sampler(
+        self,
+        split: str,
+        train: bool,
+        dataset: datasets.Dataset | None = None,
+        by_length: bool | None = None,
+    ) -> tuple[WeightedDistributedSampler | None, bool]:
+        """The sampler of ``split`` (of ``dataset``, its rows to serve, if given), and whether
+        rows carry ``sample_weight`` (see :func:`choose_sampler`); grouped by length when
+        ``by_length`` (None: training batches with ``group_by_length``)."""
         h = self.hparams
+        dataset = self._split(split) if dataset is None else dataset
+        by_length = train and h.group_by_length if by_length is None else by_length
         return choose_sampler(
-            self.datasets[split],
+            dataset,
             getattr(self, "trainer", None),
             train,
             seed=int(os.environ.get("PL_GLOBAL_SEED", h.seed)),
-            lengths=row_lengths(self.datasets[split]) if train and h.group_by_length else None,
+            lengths=row_lengths(dataset) if by_length else None,
             batch_size=h.batch_size,
         )
 
@@ -353,6 +385,25 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         """Test batches in row order."""
         return self._loader(self.hparams.test_split, train=False)
 
+    def skip_predict_rows(self, rows: Iterable[int]) -> None:
+        """Leave these row ids (``row`` of a ``prompts`` batch) out of the next
+        ``predict_dataloader``: :class:`prefl.SampleWriter` passes the prompts a previous run
+        already wrote, so that a resumed run samples only the others (in full batches)."""
+        self.predict_skip = frozenset(int(r) for r in rows)
+
     def predict_dataloader(self) -> DataLoader:
-        """The test split in row order, for ``predict``."""
-        return self._loader(self.hparams.test_split, train=False)
+        """The test split, for ``predict``: in row order, or in ``prompts`` mode longest prompt
+        first (``predict_by_length``) and without the rows of :meth:`skip_predict_rows`."""
+        split = self.hparams.test_split
+        dataset = self._split(split)
+        if self.mode == "prompts" and self.predict_skip:
+            skip = self.predict_skip
+            dataset = dataset.filter(
+                lambda rows: [r not in skip for r in rows], input_columns=[ROW], batched=True
+            )
+            rank_zero_info(
+                f"prefl data [{split}]: {len(self.datasets[split]) - len(dataset)} prompt(s) "
+                f"already sampled are skipped, {len(dataset)} left"
+            )
+        by_length = self.mode == "prompts" and self.hparams.predict_by_length
+        return self._loader(split, train=False, dataset=dataset, by_length=by_length)

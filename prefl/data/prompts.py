@@ -6,16 +6,24 @@ plain text (BOS, then the text as text) or a conversation, a list of ``{"role", 
 messages that the tokenizer's chat template renders with its generation prompt, exactly as a
 ``conversational`` prompts-mode row is rendered (special-token strings inside the contents stay
 text). An instruct model is asked in its own chat format with :func:`as_user_turns`.
+
+A ``prompts``-mode split also carries each prompt as its source gave it
+(:func:`add_prompt_sources`): its row id and the prompt itself, a text or a message list, so that
+samples written from it (:class:`prefl.SampleWriter`) name their prompt the way the data did.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import datasets
+
+from prefl.data.collate import PROMPT_SOURCE, ROW
 from prefl.data.formats import Columns, RowError, extract_texts
 from prefl.data.specials import encode_text, restore
-from prefl.data.tokenize import encode_prompts
+from prefl.data.tokenize import SOURCE_ROW, encode_prompts
 from prefl.tasks import toy
 
 #: A prompt: a plain text, or a conversation (messages ending before the reply).
@@ -80,3 +88,34 @@ def encode_prompt_list(
         texts.append(restore(chat_text, tokenizer))
         ids.extend(encode_text(tokenizer, [chat_text], chat=True))
     return texts, ids
+
+
+def add_prompt_sources(
+    tokenized: datasets.Dataset, raw: datasets.Dataset, row_format: str, columns: Columns
+) -> datasets.Dataset:
+    """Add ``row`` (each row's index in its source split: its id in samples) and
+    ``prompt_source`` (each prompt as its source gave it, a text or a message list, JSON-encoded:
+    one Arrow type for texts and for messages with any keys; the collator decodes it) to a
+    tokenized ``prompts`` split.
+
+    Args:
+        tokenized: The tokenized split, one row per row of ``raw`` (before drops are filtered),
+            with the extracted ``prompt`` text.
+        raw: The raw split it was tokenized from (HH transcripts already read as messages); its
+            :data:`~prefl.data.tokenize.SOURCE_ROW` column, when present, gives the row ids,
+            else the positions do.
+        row_format: The resolved row format: ``conversational`` prompts are the message lists
+            (the ``prompt`` column, or a conversation without its final reply); any other
+            format's prompt is its text as extracted (an implicit row's common prefix).
+        columns: The column names.
+    """
+    rows = raw[SOURCE_ROW] if SOURCE_ROW in raw.column_names else list(range(len(raw)))
+    if row_format != "conversational":
+        prompts: list[Any] = tokenized["prompt"]
+    elif columns.prompt in raw.column_names:
+        prompts = raw[columns.prompt]
+    else:  # whole conversations: the turns before the final reply
+        column = columns.messages if columns.messages in raw.column_names else columns.chosen
+        prompts = [conversation[:-1] for conversation in raw[column]]
+    encoded = [json.dumps(prompt, ensure_ascii=False) for prompt in prompts]
+    return tokenized.add_column(ROW, rows).add_column(PROMPT_SOURCE, encoded)

@@ -14,7 +14,8 @@ skips that many batches of the (seeded, hence identical) order instead of starti
 again.
 
 :func:`group_by_length` (``PreferenceDataModule(group_by_length=True)``) reorders the seeded
-shuffle into windows of similar-length rows, so batches carry less padding.
+shuffle into windows of similar-length rows, so batches carry less padding; ``predict``'s prompts
+(``predict_by_length``) are sorted longest first as a whole.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class WeightedDistributedSampler(DistributedSampler):
         lengths: Per-row lengths: if given, the shuffled order is grouped by length
             (:func:`group_by_length`, windows of ``WINDOW_BATCHES`` batches on every rank), so
             each rank's batches, and the ranks' batches of one step, have similar lengths.
+            Without ``shuffle`` (``predict``'s prompts) the whole row order is one window: rows
+            longest first, ties in row order.
         batch_size: Rows per batch and rank (sets the window size with ``lengths``).
     """
 
@@ -101,7 +104,8 @@ class WeightedDistributedSampler(DistributedSampler):
         super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=False)
         if lengths is not None and len(lengths) != len(dataset):
             raise ValueError(f"{len(lengths)} lengths for a dataset of {len(dataset)} rows")
-        self.lengths, self.window = lengths, WINDOW_BATCHES * batch_size * num_replicas
+        window = WINDOW_BATCHES * batch_size * num_replicas if shuffle else max(len(dataset), 1)
+        self.lengths, self.window = lengths, window
         self.resume: tuple[int, int] | None = None
 
     def resume_at(self, epoch: int, skip: int) -> None:
@@ -142,15 +146,17 @@ def choose_sampler(
     Under data parallelism: a sampler that marks its padding repeats (weight 0), so an uneven
     last batch is neither dropped nor counted twice. Otherwise training batches come in a
     seeded order per epoch (``seed + epoch``, not the global RNG), so a run resumed mid-epoch
-    sees the rows an uninterrupted one would; evaluation is in row order (no sampler). With
-    ``Trainer(use_distributed_sampler=False)`` every rank reads all the rows.
+    sees the rows an uninterrupted one would; evaluation is in row order (no sampler), or
+    longest first when ``lengths`` are given. With ``Trainer(use_distributed_sampler=False)``
+    every rank reads all the rows.
 
     Args:
         dataset: The tokenized split.
         trainer: The attached Lightning ``Trainer``, or None.
         train: Whether this is the training split (shuffled).
         seed: Shuffle seed.
-        lengths: Per-row lengths to group training batches by (None = no grouping).
+        lengths: Per-row lengths to group batches by (None = no grouping): windows of a
+            training epoch's shuffle, or the whole split for evaluation.
         batch_size: Rows per batch and rank (the grouping window's unit).
     """
     kwargs: dict[str, Any] = {"num_replicas": 1, "rank": 0}
@@ -163,8 +169,8 @@ def choose_sampler(
     kwargs.update(seed=seed, lengths=lengths, batch_size=batch_size)
     if kwargs["num_replicas"] > 1:
         return WeightedDistributedSampler(dataset, shuffle=train, **kwargs), True
-    if train:
-        return WeightedDistributedSampler(dataset, shuffle=True, **kwargs), False
+    if train or lengths is not None:
+        return WeightedDistributedSampler(dataset, shuffle=train, **kwargs), False
     return None, False
 
 

@@ -6,9 +6,19 @@ rollout) both sample through :func:`generate_sampled`, and so through one genera
 :func:`sampling_config`: pure ancestral sampling from ``softmax(logits / temperature)`` of the
 model, whatever the checkpoint's own ``generation_config`` (``generation_config.json``) says.
 No top-k / top-p / min-p / typical filtering, no repetition or n-gram penalty, no minimum length,
-no suppressed, forced or biased tokens, no beams, no watermark. Prompts are left-padded (so every
-row's last prompt token sits at the same position and ``generate`` uses the KV cache), everything
-after the first EOS is padding, and the RNG is seeded without disturbing the global one.
+no suppressed, forced or biased tokens, no beams, no watermark.
+
+``top_p`` (nucleus sampling) is the one filter :func:`sampling_config` offers, off by default
+(``top_p=1.0``), and only :class:`prefl.SampleModule` (making datasets of answers) turns it on.
+Reinforcement learning keeps it off on purpose: PPO's ratio and KL and online DPO's log-probs
+score each sampled token under the full ``softmax(logits / T)`` of the policy; samples drawn
+from a truncated distribution would make those numbers refer to a distribution nobody sampled
+from (and a token outside the nucleus could never be drawn, however the policy moves).
+
+Prompts are left-padded (so every row's last prompt token sits at the same position and
+``generate`` uses the KV cache), everything after the first EOS is padding, and the RNG is seeded
+without disturbing the global one. (:mod:`prefl.generation.seeded` draws each row from a
+generator of its own instead, for samples that do not depend on their batch.)
 
 Passing a fresh ``GenerationConfig`` is not enough on its own: ``generate`` (transformers 5)
 fills every field the passed config leaves at ``None`` from ``model.generation_config``, and
@@ -97,6 +107,7 @@ def sampling_config(
     pad_token_id: int,
     eos_token_id: int,
     *,
+    top_p: float = 1.0,
     with_scores: bool = False,
 ) -> GenerationConfig:
     """The complete generation config of every prefl sampler: ``do_sample`` from
@@ -109,11 +120,16 @@ def sampling_config(
         max_new_tokens: Most new tokens per row.
         pad_token_id: Written after a row's EOS.
         eos_token_id: Ends a row.
+        top_p: Nucleus sampling: draw from the smallest set of most likely tokens whose
+            probability (after the temperature) reaches ``top_p``, renormalised. 1.0 = off,
+            the default, and what reinforcement learning keeps (see the module docstring).
         with_scores: Also return, per step, the processed scores (``logits / temperature``)
             and the raw logits (``return_dict_in_generate``); this changes no sample.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     outputs = {"output_scores": True, "output_logits": True} if with_scores else {}
     return GenerationConfig(
         do_sample=True,
@@ -123,7 +139,7 @@ def sampling_config(
         eos_token_id=eos_token_id,
         use_cache=True,
         return_dict_in_generate=with_scores,
-        **_NEUTRAL,
+        **{**_NEUTRAL, "top_p": float(top_p)},
         **outputs,
     )
 
@@ -154,16 +170,22 @@ def generate_with(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     config: GenerationConfig,
+    **generate_kwargs: Any,
 ) -> Any:
     """``model.generate`` under ``config`` alone (see :func:`isolated_generation_config`); the
     output is ``generate``'s (a tensor, or a ``GenerateOutput`` with ``with_scores``).
 
     A sharded model (FSDP2, FSDP1, ZeRO-3) is gathered once for the whole call
     (:func:`prefl.models.sharding.gathered_params`): ranks that stop at different lengths then
-    issue no mismatched collectives. That makes it a collective: every rank must call it."""
+    issue no mismatched collectives. That makes it a collective: every rank must call it.
+    ``generate_kwargs`` go to ``generate`` as they are (``logits_processor``,
+    ``cache``: see :mod:`prefl.generation.seeded`)."""
     with gathered_params(model), isolated_generation_config(model):
         return model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            **generate_kwargs,
         )
 
 

@@ -9,6 +9,7 @@ generation config, gradient checkpointing and LoRA applied on request.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from prefl.data.tokenizers import gguf_source
-from prefl.models.lora import LoraSpec, apply_lora
+from prefl.models.lora import (
+    LoraSpec,
+    adapter_base,
+    apply_lora,
+    is_adapter_dir,
+    load_lora_adapter,
+)
 from prefl.models.sharding import building_empty
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,10 @@ class CausalLMSpec:
         gguf_file: A GGUF file inside ``name_or_path`` (as ``from_pretrained(..., gguf_file=)``;
             needs the ``gguf`` extra). Its weights are dequantized to float, and the model is an
             ordinary one from then on: it trains, and exports as a safetensors directory.
+        lora_adapter: A LoRA adapter saved by ``peft`` (a directory with
+            ``adapter_config.json``), loaded onto the model that ``name_or_path`` names (needs
+            the ``peft`` extra; the adapters stay trainable). ``name_or_path`` may also be such
+            a directory itself: the base is then the one its config records.
     """
 
     name_or_path: str | None = None
@@ -67,12 +78,15 @@ class CausalLMSpec:
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = field(default=None)
     gguf_file: str | None = None
+    lora_adapter: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # read back from a checkpoint's plain hyperparameters
             self.lora = LoraSpec(**self.lora)
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError("CausalLMSpec: set exactly one of `name_or_path` and `config`")
+        if self.lora is not None and (self.lora_adapter or is_adapter_dir(self.name_or_path)):
+            raise ValueError("CausalLMSpec: a saved LoRA adapter is loaded as it is; unset `lora`")
         if self.dtype is not None and self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"CausalLMSpec.dtype={self.dtype!r}; expected auto or {list(_DTYPES)}")
 
@@ -100,7 +114,8 @@ def build_causal_lm(
             :func:`prefl.data.load_tokenizer`).
 
     Returns:
-        The model in train mode (LoRA-wrapped if ``spec.lora`` is set).
+        The model in train mode (LoRA-wrapped if ``spec.lora`` is set or a saved adapter is
+        loaded).
     """
     return build_hf_model(spec, tokenizer, AutoModelForCausalLM)
 
@@ -123,6 +138,10 @@ def build_hf_model(
     """
     if isinstance(spec, str):
         spec = CausalLMSpec(name_or_path=spec)
+    adapter = spec.lora_adapter
+    if adapter is None and is_adapter_dir(spec.name_or_path):  # the base its config records
+        adapter = spec.name_or_path
+        spec = dataclasses.replace(spec, name_or_path=adapter_base(adapter))
     dtype = _resolve_dtype(spec.dtype)
     common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.attn_implementation is not None:
@@ -158,6 +177,8 @@ def build_hf_model(
         model.config.use_cache = False
     if spec.lora is not None:
         model = apply_lora(model, spec.lora, task_type=lora_task)
+    if adapter is not None:
+        model = load_lora_adapter(model, adapter, empty=building_empty())
     return model
 
 

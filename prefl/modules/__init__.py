@@ -6,6 +6,7 @@ from prefl.modules.kto import KTOModule
 from prefl.modules.online_dpo import OnlineDPOModule
 from prefl.modules.ppo import PPOModule
 from prefl.modules.reward import RewardModule
+from prefl.modules.sample import SampleModule
 from prefl.modules.sft import SFTModule
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "OnlineDPOModule",
     "PPOModule",
     "RewardModule",
+    "SampleModule",
     "SFTModule",
 ]

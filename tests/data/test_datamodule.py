@@ -106,8 +106,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         ("sft", {"prompt_ids", "completion_ids"}, {"input_ids", "attention_mask", "loss_mask"}),
         (
             "prompts",
-            {"prompt", "prompt_ids"},
-            {"prompt_input_ids", "prompt_attention_mask", "prompt"},
+            {"prompt", "prompt_ids", "row", "prompt_source"},
+            {"prompt_input_ids", "prompt_attention_mask", "prompt", "row", "prompt_source"},
         ),
     ],
 )
@@ -489,11 +489,15 @@ def test_empty_split_error():
 
 
 def test_test_and_predict_keep_row_order():
+    """Row order, but for predict's prompts, which come longest first (``predict_by_length``,
+    tested in tests/data/test_predict_prompts.py) unless that is turned off."""
     rows = numbered_pairs(11)
     dd = datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(PAIRS), "test": datasets.Dataset.from_list(rows)}
     )
-    dm = PreferenceDataModule(dd, mode="prompts", batch_size=2, eval_batch_size=3)
+    dm = PreferenceDataModule(
+        dd, mode="prompts", batch_size=2, eval_batch_size=3, predict_by_length=False
+    )
     dm.setup("predict")
     for loader in (dm.test_dataloader(), dm.predict_dataloader()):
         batches = list(loader)

@@ -97,7 +97,9 @@ def test_layout_settings_are_checked():
         PreferenceCollator(0, "sft", share_prompt=True)
     with pytest.raises(ValueError, match="packing: prompts are left-padded for generation"):
         PreferenceCollator(0, "prompts", packing=True, row_length=8)
-    with pytest.raises(ValueError, match=r"packing_length must be >= 2 \(or None: one row\), got 1"):
+    with pytest.raises(
+        ValueError, match=r"packing_length must be >= 2 \(or None: one row\), got 1"
+    ):
         PreferenceCollator(0, "pairs", packing=True, row_length=1)
     one_row = PreferenceCollator(0, "pairs", packing=True)([PAIR, PAIR, PAIR])  # the default
     assert one_row["packed_input_ids"].shape[0] == 1
