@@ -332,12 +332,13 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         dataset: datasets.Dataset | None = None,
         by_length: bool | None = None,
     ) -> DataLoader:
-        """Batches of ``split`` (or of ``dataset``, a selection of its rows); for
-        ``dataset`` and ``by_length`` see :meth:`_sampler`."""
+        """Batches of ``split`` (or of ``dataset``, a selection of its rows), grouped by length
+        when ``by_length`` (None: training batches with ``group_by_length``)."""
         h = self.hparams
         dataset = self._split(split) if dataset is None else dataset
         size = h.batch_size if train else (h.eval_batch_size or h.batch_size)
-        sampler, marked = self._sampler(split, train, dataset, by_length)
+        by_length = train and h.group_by_length if by_length is None else by_length
+        sampler, marked = self._sampler(dataset, train, by_length)
         if train and sampler is not None:
             self.train_position.apply(sampler, size)  # a run resumed mid-epoch goes on there
         return DataLoader(
@@ -350,18 +351,11 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         )
 
     def _sampler(
-        self,
-        split: str,
-        train: bool,
-        dataset: datasets.Dataset | None = None,
-        by_length: bool | None = None,
+        self, dataset: datasets.Dataset, train: bool, by_length: bool
     ) -> tuple[WeightedDistributedSampler | None, bool]:
-        """The sampler of ``split`` (of ``dataset``, its rows to serve, if given), and whether
-        rows carry ``sample_weight`` (see :func:`choose_sampler`); grouped by length when
-        ``by_length`` (None: training batches with ``group_by_length``)."""
+        """The sampler of ``dataset`` (grouped by length when ``by_length``), and whether rows
+        carry ``sample_weight`` (see :func:`choose_sampler`)."""
         h = self.hparams
-        dataset = self._split(split) if dataset is None else dataset
-        by_length = train and h.group_by_length if by_length is None else by_length
         return choose_sampler(
             dataset,
             getattr(self, "trainer", None),

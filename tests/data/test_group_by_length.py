@@ -104,10 +104,11 @@ def test_group_by_length_option_cuts_padding_and_keeps_the_rows():
 def test_group_by_length_needs_no_trainer_and_is_off_by_default():
     data = PreferenceDataModule(batch_size=8)
     data.setup("fit")
-    assert data._sampler("train", train=True)[0].lengths is None
+    assert data.train_dataloader().sampler.lengths is None
     grouped = PreferenceDataModule(batch_size=8, group_by_length=True)
     grouped.setup("fit")
-    sampler = grouped._sampler("train", train=True)[0]
+    sampler = grouped.train_dataloader().sampler
     assert sampler.lengths == row_lengths(grouped.datasets["train"])
-    assert grouped._sampler("validation", train=False)[0] is None  # evaluation: row order
+    evaluation = grouped.val_dataloader().sampler  # row order: no sampler of prefl's
+    assert not isinstance(evaluation, WeightedDistributedSampler)
     assert torch.is_tensor(next(iter(grouped.train_dataloader()))["chosen_input_ids"])
