@@ -19,19 +19,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 from typing import Any
+
+from prefl.pipeline_report import (
+    add_optimum,
+    evaluate_export,
+    plot_frontier,
+    print_table,
+)
+from prefl.pipeline_workers import (
+    default_workers,
+    enter_worker,
+    output_to,
+    torch_threads,
+    worker_pool,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 DPO_BETAS = (0.1, 0.25, 0.5, 1.0, 2.0)
 KTO_BETAS = DPO_BETAS
 ONLINE_DPO_BETAS = DPO_BETAS
 PPO_KL_COEFS = (0.01, 0.05, 0.2, 0.5)
-#: β grid of the exact optimal curve (log-spaced, 0.01 to 20) and best-of-n sizes
-OPTIMUM_BETAS = tuple(0.01 * 2000 ** (i / 59) for i in range(60))
-BEST_OF_N = (1, 2, 4, 8, 16, 32, 64, 128)
+STAGES = ("sft", "reward", "dpo", "online_dpo", "kto", "ppo")
+#: the stages after SFT in the order that free workers take them (longest first, so that the two
+#: workers end together on 2 cores: KTO beside the reward model, then DPO, then PPO)
+ORDER = ("reward", "kto", "dpo", "ppo", "online_dpo")
+#: the stage each stage starts from (default: SFT's export)
+NEEDS = {"ppo": "reward"}
+#: steps between the evaluations that make each method's frontier points
+EVAL_EVERY = {"dpo": 25, "online_dpo": 20, "kto": 25, "ppo": 8}
+EVALUATED = ("sft", "dpo", "online_dpo", "kto", "ppo")
 
 
 def fit_stage(config: str, extra: Sequence[str] = (), callbacks: Sequence[Any] = ()) -> Any:
@@ -50,142 +72,6 @@ def fit_stage(config: str, extra: Sequence[str] = (), callbacks: Sequence[Any] =
     return cli
 
 
-def evaluate_exports(exports: dict[str, str], num_samples: int = 8) -> dict[str, dict]:
-    """Evaluate each export against the SFT export (``exports["sft"]``) with the toy oracle."""
-    from prefl.data import load_tokenizer
-    from prefl.generation.evaluate import evaluate
-    from prefl.generation.sample import sample_completions
-    from prefl.models import build_causal_lm
-    from prefl.tasks import toy
-
-    tokenizer = load_tokenizer(exports["sft"])
-    reference = build_causal_lm(exports["sft"], tokenizer).eval()
-    prompts = toy.split_prompts()[1]
-    ref_samples = sample_completions(reference, tokenizer, prompts, 16, 1.0, num_samples, 128, 0)
-    results = {}
-    for stage, path in exports.items():
-        policy = reference if stage == "sft" else build_causal_lm(path, tokenizer).eval()
-        results[stage] = evaluate(
-            policy,
-            reference,
-            tokenizer,
-            prompts,
-            toy.oracle_rewards,
-            num_samples,
-            reference_samples=ref_samples,
-        )
-    return results
-
-
-def add_optimum(summary: dict[str, Any]) -> None:
-    """The exact optimal curve and best-of-n (``summary["optimum"]``), and each evaluated
-    point's ``frontier_efficiency`` = reward ÷ R*(the KL it paid) and ``gain_efficiency`` =
-    (reward − R*(0)) ÷ (R*(KL) − R*(0)), the share of the reachable gain it got."""
-    from prefl.tasks.toy_optimum import best_of_n, frontier_reward_at, optimal_frontier
-
-    curve = optimal_frontier(OPTIMUM_BETAS)
-    summary["optimum"] = {"frontier": curve, "best_of_n": best_of_n(BEST_OF_N)}
-    base = frontier_reward_at(0.0, curve)
-    points = [*summary["stages"].values()]
-    points += [p for method in summary.get("sweep", {}).values() for p in method]
-    for point in points:
-        best = frontier_reward_at(max(point["kl"], 0.0), curve)
-        point["optimal_reward"] = best
-        point["frontier_efficiency"] = point["reward"] / best
-        point["gain_efficiency"] = (point["reward"] - base) / (best - base) if best > base else 0.0
-
-
-def plot_frontier(summary: dict[str, Any], path: Path) -> None:
-    """Oracle reward against KL: SFT, each method's evaluated checkpoints, and sweep curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    stages = summary["stages"]
-
-    def curve(points: list[dict[str, float]], style: str, **kwargs: Any) -> None:
-        if points:
-            ax.plot([p["kl"] for p in points], [p["reward"] for p in points], style, **kwargs)
-
-    optimum = summary.get("optimum") or {}
-    curve(
-        optimum.get("frontier", []),
-        "-",
-        color="black",
-        lw=1.5,
-        label="optimum: max E[r] − β·KL (exact)",
-    )
-    bon_label = "best-of-n from the generator (KL bound)"
-    curve(optimum.get("best_of_n", []), "x--", color="gray", label=bon_label)
-    ax.scatter([0.0], [stages["sft"]["reward"]], color="black", zorder=3, label="SFT")
-    colors = {
-        "dpo": "tab:blue",
-        "online_dpo": "tab:purple",
-        "kto": "tab:green",
-        "ppo": "tab:orange",
-    }
-    for method, color in colors.items():
-        name = {"online_dpo": "online DPO"}.get(method, method.upper())
-        points = summary["frontier"].get(method, [])
-        curve(points, "o:", color=color, alpha=0.6, label=f"{name} during training")
-        final = stages[method]
-        ax.scatter(
-            [final["kl"]],
-            [final["reward"]],
-            marker="*",
-            s=180,
-            color=color,
-            zorder=4,
-            label=f"{name} final",
-        )
-        sweep = sorted(summary.get("sweep", {}).get(method, []), key=lambda p: p["kl"])
-        curve(sweep, "s-", color=color, label=f"{name} sweep")
-    ax.set_xlim(left=-0.2, right=max(6.0, *(p["kl"] + 0.5 for p in stages.values())))
-    ax.set_xlabel("KL(policy ‖ SFT), nats per completion")
-    ax.set_ylabel("mean oracle reward (held-out prompts)")
-    ax.set_title("Toy task: reward–KL frontier")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def print_table(summary: dict[str, Any]) -> str:
-    """The stage table: oracle reward, KL, win rate vs SFT, EOS rate and wall time."""
-    rows = [
-        f"{'stage':<10} {'oracle reward':>13} {'KL':>7} {'R*(KL)':>7} {'of R*':>6} "
-        f"{'win vs SFT':>10} {'EOS rate':>8} {'wall s':>7}"
-    ]
-    for stage, r in summary["stages"].items():
-        wall = summary["wall_seconds"].get(stage, float("nan"))
-        best, eff = (
-            r.get("optimal_reward", float("nan")),
-            r.get("frontier_efficiency", float("nan")),
-        )
-        rows.append(
-            f"{stage:<10} {r['reward']:>+13.3f} {r['kl']:>7.2f} {best:>+7.3f} {eff:>6.1%} "
-            f"{r['win_rate']:>10.3f} {r['eos_rate']:>8.3f} {wall:>7.1f}"
-        )
-    entropy = summary.get("sft_entropy")
-    if entropy:
-        rows.append(
-            f"SFT held-out NLL {entropy['model_nll']:.4f} nats/token vs the generator's "
-            f"{entropy['generator_nll']:.4f} on the same rows (ratio {entropy['ratio']:.4f})"
-        )
-    rm = summary.get("reward_model")
-    if rm:
-        rows.append(
-            f"reward model: held-out pair accuracy {rm['pair_accuracy']:.3f}, "
-            f"Spearman with the oracle {rm['spearman']:.3f}"
-        )
-    table = "\n".join(rows)
-    print(table, flush=True)
-    return table
-
-
 def frontier_points(history: list[tuple[int, dict]]) -> list[dict[str, float]]:
     """``[{step, kl, reward, win_rate}]`` from an :class:`~prefl.callbacks.EvalCallback`."""
     return [
@@ -194,63 +80,166 @@ def frontier_points(history: list[tuple[int, dict]]) -> list[dict[str, float]]:
     ]
 
 
-def run_sweep(summary: dict[str, Any]) -> None:
-    """DPO, online DPO and KTO over β, PPO over the KL coefficient (no export, final
-    evaluation only)."""
+def stage_result(stage: str, cli: Any, evaluation: Any, seconds: float) -> dict[str, Any]:
+    """What the summary keeps of a fitted stage: its wall seconds, the frontier points of its
+    :class:`~prefl.callbacks.EvalCallback` and the SFT / reward-model reports."""
+    from prefl.callbacks import EntropyReport, RewardReport
+
+    result: dict[str, Any] = {"wall": seconds}
+    if evaluation is not None:
+        result["frontier"] = frontier_points(evaluation.history)
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, RewardReport):
+            result["reward_model"] = callback.results
+        if isinstance(callback, EntropyReport):
+            result["sft_entropy"] = callback.results
+    return result
+
+
+def run_stage(stage: str, log: Path | None = None) -> dict[str, Any]:
+    """Fit one stage of the main job in the current directory (see :func:`stage_result`); with
+    ``log``, its whole output goes to that file, without a progress bar."""
     from prefl.callbacks import EvalCallback
 
+    every = EVAL_EVERY.get(stage)
+    evaluation = EvalCallback(every_n_steps=every) if every else None
+    callbacks = [evaluation] if evaluation else []
+    start = time.perf_counter()
+    if log is None:
+        cli = fit_stage(stage, callbacks=callbacks)
+    else:
+        with output_to(log):
+            cli = fit_stage(stage, ["--trainer.enable_progress_bar=false"], callbacks)
+    return stage_result(stage, cli, evaluation, time.perf_counter() - start)
+
+
+def stage_task(out: str, threads: int, stage: str) -> dict[str, Any]:
+    """A worker's task: fit ``stage`` inside ``out`` (logged to ``runs/toy/<stage>.log``) and
+    evaluate its export (``"sft"``: the evaluation of the SFT export alone)."""
+    enter_worker(out, threads)
+    result = {} if stage == "sft" else run_stage(stage, stage_log(stage))
+    if stage in EVALUATED:
+        result["evaluation"] = evaluate_export(export_of(stage), export_of("sft"))
+    return result
+
+
+def export_of(stage: str) -> str:
+    """A stage's export directory (relative to the output directory)."""
+    return f"runs/toy/{stage}/export"
+
+
+def stage_log(stage: str) -> Path:
+    """Where a stage run in a worker writes its output (relative to the output directory)."""
+    return Path("runs/toy") / f"{stage}.log"
+
+
+def next_ready(pending: list[str], done: dict[str, Any]) -> str | None:
+    """The first stage of ``pending`` whose :data:`NEEDS` are ``done``, taken out of it."""
+    for stage in pending:
+        if NEEDS.get(stage, "sft") in done:
+            pending.remove(stage)
+            return stage
+    return None
+
+
+def run_stages(pool: Any, workers: int, out: Path, threads: int) -> dict[str, dict[str, Any]]:
+    """Every stage after SFT, fitted and evaluated (SFT's evaluation too): in this process in
+    order (``pool`` None, output streamed), or on the pool's workers, each free worker taking
+    the first ready stage of :data:`ORDER`; a line per finished stage, then each log in order
+    (on stderr)."""
+    if pool is None:
+        results: dict[str, dict[str, Any]] = {stage: run_stage(stage) for stage in STAGES[1:]}
+        results["sft"] = {}
+        for stage in EVALUATED:
+            results[stage]["evaluation"] = evaluate_export(export_of(stage), export_of("sft"))
+        return results
+    pending, results, running = [*ORDER, "sft"], {"sft": {}}, {}
+    while pending or running:
+        while len(running) < workers and (stage := next_ready(pending, results)) is not None:
+            running[pool.submit(stage_task, str(out), threads, stage)] = stage
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            stage = running.pop(future)
+            results[stage] = results.get(stage, {}) | future.result()
+            if stage != "sft":
+                wall = results[stage]["wall"]
+                print(f"prefl toy: {stage} done in {wall:.1f} s", file=sys.stderr, flush=True)
+    for stage in STAGES[1:]:  # on stderr, where Lightning and prefl's reports write
+        log = stage_log(stage).read_text(encoding="utf-8")
+        print(f"\n===== {stage} ({stage_log(stage)}) =====\n{log}", file=sys.stderr, flush=True)
+    return results
+
+
+def sweep_task(out: str, threads: int, method: str, key: str, value: float) -> dict[str, Any]:
+    """One sweep run (no export, final evaluation only): its frontier point."""
+    from prefl.callbacks import EvalCallback
+
+    enter_worker(out, threads)
     quiet = [
         "--trainer.callbacks=[]",
         "--trainer.logger=false",
         "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
     ]
+    evaluation = EvalCallback(num_samples=4)
+    log = Path("runs/toy/sweep") / f"{method}_{key}_{value}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with output_to(log):
+        fit_stage(method, [*quiet, f"--model.init_args.{key}", str(value)], [evaluation])
+    return {key: value, **frontier_points(evaluation.history)[-1]}
+
+
+def run_sweep(summary: dict[str, Any], pool: Any = None, threads: int = 1) -> None:
+    """DPO, online DPO and KTO over β, PPO over the KL coefficient (no export, final
+    evaluation only), in the current directory; on ``pool``'s workers when given."""
     runs = [("dpo", "beta", value) for value in DPO_BETAS]
     runs += [("online_dpo", "beta", value) for value in ONLINE_DPO_BETAS]
     runs += [("kto", "beta", value) for value in KTO_BETAS]
     runs += [("ppo", "kl_coef", value) for value in PPO_KL_COEFS]
     summary["sweep"] = {"dpo": [], "online_dpo": [], "kto": [], "ppo": []}
-    for method, key, value in runs:
-        print(f"prefl toy sweep: {method} {key}={value}", flush=True)
-        evaluation = EvalCallback(num_samples=4)
-        fit_stage(method, [*quiet, f"--model.init_args.{key}", str(value)], [evaluation])
-        point = frontier_points(evaluation.history)[-1]
-        summary["sweep"][method].append({key: value, **point})
+    out = str(Path.cwd())
+    if pool is None:
+        points = []
+        for run in runs:
+            print(f"prefl toy sweep: {run[0]} {run[1]}={run[2]}", flush=True)
+            points.append(sweep_task(out, torch_threads(), *run))
+    else:
+        print(f"prefl toy sweep: {len(runs)} runs on the worker processes", flush=True)
+        points = [f.result() for f in [pool.submit(sweep_task, out, threads, *r) for r in runs]]
+    for (method, _, _), point in zip(runs, points, strict=True):
+        summary["sweep"][method].append(point)
 
 
-def run_pipeline(out: str | Path, sweep: bool = False) -> dict[str, Any]:
-    """Run the whole toy pipeline in ``out`` and return the summary (also written to JSON)."""
-    from prefl.callbacks import EntropyReport, EvalCallback, RewardReport
+def run_pipeline(
+    out: str | Path, sweep: bool = False, workers: int = 1, threads: int = 1
+) -> dict[str, Any]:
+    """Run the whole toy pipeline in ``out`` and return the summary (also written to JSON).
 
+    Args:
+        out: The output directory (the runs, ``summary.json``, ``frontier.png``).
+        sweep: Also run the β / KL-coefficient sweeps.
+        workers: Processes for the stages after SFT (and the sweep); 1 = all in this process.
+        threads: Torch intra-op threads in each worker.
+    """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     previous = Path.cwd()
     os.chdir(out)
     try:
-        start = time.perf_counter()
-        wall: dict[str, float] = {}
-        evals = {
-            "dpo": EvalCallback(every_n_steps=25),
-            "online_dpo": EvalCallback(every_n_steps=20),
-            "kto": EvalCallback(every_n_steps=25),
-            "ppo": EvalCallback(every_n_steps=8),
-        }
-        summary: dict[str, Any] = {"frontier": {}, "wall_seconds": wall}
-        for stage in ("sft", "reward", "dpo", "online_dpo", "kto", "ppo"):
-            t0 = time.perf_counter()
-            cli = fit_stage(stage, callbacks=[evals[stage]] if stage in evals else [])
-            wall[stage] = time.perf_counter() - t0
-            if stage == "reward":
-                report = next(c for c in cli.trainer.callbacks if isinstance(c, RewardReport))
-                summary["reward_model"] = report.results
-            if stage == "sft":
-                report = next(c for c in cli.trainer.callbacks if isinstance(c, EntropyReport))
-                summary["sft_entropy"] = report.results
-        for method, callback in evals.items():
-            summary["frontier"][method] = frontier_points(callback.history)
-        exports = {s: f"runs/toy/{s}/export" for s in ("sft", "dpo", "online_dpo", "kto", "ppo")}
-        summary["stages"] = evaluate_exports(exports)
-        if sweep:
-            run_sweep(summary)
+        with worker_pool(workers) as pool:
+            start = time.perf_counter()
+            sft = run_stage("sft")
+            results = run_stages(pool, workers, out, threads)
+            results["sft"] |= sft
+            summary: dict[str, Any] = {
+                "frontier": {s: r["frontier"] for s, r in results.items() if "frontier" in r},
+                "wall_seconds": {s: r["wall"] for s, r in results.items()},
+                "sft_entropy": results["sft"]["sft_entropy"],
+                "reward_model": results["reward"]["reward_model"],
+            }
+            summary["stages"] = {stage: results[stage]["evaluation"] for stage in EVALUATED}
+            if sweep:
+                run_sweep(summary, pool, threads)
         add_optimum(summary)
         summary["total_seconds"] = time.perf_counter() - start
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -272,6 +261,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/pipeline", help="output directory")
     parser.add_argument("--sweep", action="store_true", help="also sweep DPO, KTO and PPO β")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes for the stages after SFT, which run side by side (default: one per "
+        "core that --threads leaves, at most 2; 1 = everything in this process, in order)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -282,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    run_pipeline(args.out, sweep=args.sweep)
+    workers = args.workers or default_workers(args.threads)
+    run_pipeline(args.out, sweep=args.sweep, workers=workers, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def optimum_runs(tmp_path_factory):
     import os
 
     from prefl.callbacks import EntropyReport
-    from prefl.pipeline import evaluate_exports, fit_stage
+    from prefl.pipeline import fit_stage
+    from prefl.pipeline_report import evaluate_exports
 
     out = tmp_path_factory.mktemp("optimum")
     previous = os.getcwd()

@@ -265,3 +265,22 @@ def test_sweep_adds_frontier_curves(pipeline, monkeypatch):
     assert 0.0 < dpo["frontier_efficiency"] < 1.05 and 0.0 < ppo["frontier_efficiency"] < 1.05
     pipeline_module.plot_frontier(summary, out / "frontier_sweep.png")
     assert (out / "frontier_sweep.png").stat().st_size > 10_000
+
+
+def test_a_stage_fitted_in_a_worker_equals_the_same_stage_fitted_here(
+    pipeline, tmp_path, monkeypatch
+):
+    """On 2 cores the main job fits the stages after SFT in two worker processes: DPO fitted
+    again in this process from the same SFT export (one thread, as in the workers) gives the
+    very same frontier points, and a stage with a log file writes its output there (here the
+    progress bars; Lightning's log handler was made before, on pytest's capture)."""
+    from prefl.pipeline import run_stage
+
+    out, log, summary = pipeline
+    assert "prefl toy: dpo done in" in log and "===== dpo (runs/toy/dpo.log) =====" in log
+    assert "prefl samples:" in (out / "runs/toy/dpo.log").read_text()  # the worker's report
+    shutil.copytree(out / "runs/toy/sft/export", tmp_path / "runs/toy/sft/export")
+    monkeypatch.chdir(tmp_path)
+    result = run_stage("dpo", tmp_path / "dpo.log")
+    assert result["frontier"] == summary["frontier"]["dpo"]
+    assert "prefl: tokenizing train" in (tmp_path / "dpo.log").read_text()
