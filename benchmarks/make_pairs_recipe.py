@@ -10,11 +10,16 @@ work itself):
 
 1. ``prefl predict -c configs/examples/sample_hh.yaml`` (32 prompts, ``k`` = 2, temperature
    0.7, at most 128 new tokens, batch 16, float32);
-2. ``prefl pairs SAMPLES --judge MODEL --out pairs.jsonl`` (both orders; disagreeing orders are
-   ties);
-3. ``prefl fit -c configs/smollm2/dpo.yaml`` on ``pairs.jsonl`` for ``--dpo-steps`` steps.
+2. ``prefl pairs SAMPLES --judge MODEL --out judged.jsonl`` (SmolLM2 judging its own answers,
+   both orders; disagreeing orders are ties);
+3. ``prefl pairs SAMPLES --reward-fn configs.smollm2.rewards:reply_format_reward --out
+   pairs.jsonl`` (the rule reward of the RL configs: form, not content);
+4. ``prefl fit -c configs/smollm2/dpo.yaml`` on ``pairs.jsonl`` for ``--dpo-steps`` steps.
 
-    python benchmarks/make_pairs_recipe.py [--dpo-steps 4]
+``--work DIR`` reuses a scratch directory of an earlier run: the model export and every step
+whose output is there are not run again (their times come from ``DIR/steps.json``).
+
+    python benchmarks/make_pairs_recipe.py [--dpo-steps 4] [--work DIR]
 
 Writes the table to stdout and the numbers to ``benchmarks/results/make_pairs_recipe.json``.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,7 +55,11 @@ def commands(model: str, data: str, dpo_steps: int) -> dict[str, list[str]]:
         ],
         "judge": [
             *(*prefl, "pairs", "runs/smollm2/samples", "--judge", model),
-            *("--out", "pairs.jsonl"),
+            *("--out", "judged.jsonl"),
+        ],
+        "rule": [
+            *(*prefl, "pairs", "runs/smollm2/samples", "--out", "pairs.jsonl"),
+            *("--reward-fn", "configs.smollm2.rewards:reply_format_reward"),
         ],
         "dpo": [
             *(*prefl, "fit", "-c", str(ROOT / "configs/smollm2/dpo.yaml")),
@@ -64,7 +74,8 @@ def commands(model: str, data: str, dpo_steps: int) -> dict[str, list[str]]:
 def run(name: str, argv: list[str], cwd: Path) -> dict[str, object]:
     """Run one command; its wall seconds and the last lines of its output."""
     start = time.perf_counter()
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the rule reward imports from the repository
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -78,15 +89,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dpo-steps", type=int, default=4, help="DPO optimizer steps")
     p.add_argument("--json", default=str(RESULTS), help="where to write the results")
+    p.add_argument("--work", default=None, help="reuse this scratch directory (see above)")
     a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="prefl-make-pairs-"))
+    work = Path(a.work or tempfile.mkdtemp(prefix="prefl-make-pairs-"))
     model = work / "smollm2"
-    export_s = export_model(model)
-    print(f"GGUF -> plain directory: {export_s:.1f} s", flush=True)
+    record = work / "steps.json"
+    steps = json.loads(record.read_text()) if record.exists() else {}
+    if "export" not in steps:
+        steps["export"] = {"seconds": export_model(model)}
+    print(f"GGUF -> plain directory: {steps['export']['seconds']:.1f} s", flush=True)
     data = str(shared_data_dir() / HH_FILE)
-    steps = {}
+    outputs = {"sample": "runs/smollm2/samples/samples.jsonl", "judge": "judged.jsonl"}
+    outputs |= {"rule": "pairs.jsonl"}
     for name, argv in commands(str(model), data, a.dpo_steps).items():
+        if name in steps and (work / outputs.get(name, "-")).exists():
+            continue
         steps[name] = run(name, argv, work)
+        record.write_text(json.dumps(steps, indent=1), encoding="utf-8")
+    export_s = steps.pop("export")["seconds"]
     samples = [json.loads(line) for line in open(work / "runs/smollm2/samples/samples.jsonl")]
     pairs = [json.loads(line) for line in open(work / "pairs.jsonl")]
     result = {
@@ -102,7 +122,8 @@ def main() -> None:
     for name, step in steps.items():
         print(f"| {name} | {step['seconds']:.1f} |")
     print(f"{result['prompts']} prompts, {result['completions']} answers, {len(pairs)} pairs")
-    print("judge:", steps["judge"]["tail"][-1])
+    for name in ("judge", "rule"):
+        print(f"{name}:", steps[name]["tail"][-1])
     Path(a.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {a.json}")
 
