@@ -1,10 +1,12 @@
 """The toy pipeline, prefl's main job: SFT → reward model → DPO, online DPO, KTO, PPO → evaluation.
 
-``python -m prefl.toy --out DIR`` runs the toy configs (``configs/toy/*.yaml``) in order, inside
-``DIR``: SFT on the toy corpus, a reward model on the oracle-labelled pairs, then DPO, online DPO
-(pairs of its own samples, labelled by the oracle as it trains), KTO (the same pairs as DPO read
-as unpaired rows) and PPO (against the learned reward model), all from the same SFT export. They
-are then evaluated on the same held-out prompts against the SFT model
+``python -m prefl.toy --out DIR`` runs the toy configs (``configs/toy/*.yaml``) inside ``DIR``:
+SFT on the toy corpus, a reward model on the oracle-labelled pairs, then DPO, online DPO (pairs of
+its own samples, labelled by the oracle as it trains), KTO (the same pairs as DPO read as
+unpaired rows) and PPO (against the learned reward model), all from the same SFT export. After
+SFT the stages run side by side in worker processes (``--workers``; one per free core, at most
+2, see :mod:`prefl.pipeline_workers`), each logged to ``runs/toy/<stage>.log``. They are then
+evaluated on the same held-out prompts against the SFT model
 (:func:`prefl.generation.evaluate.evaluate` with the toy oracle): a table is printed,
 ``DIR/summary.json`` holds one entry per stage (``reward``, ``kl``, ``win_rate``,
 ``frontier_efficiency``...), and ``DIR/frontier.png`` plots oracle reward against KL, one point
@@ -160,7 +162,11 @@ def run_stages(pool: Any, workers: int, out: Path, threads: int) -> dict[str, di
         finished, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in finished:
             stage = running.pop(future)
-            results[stage] = results.get(stage, {}) | future.result()
+            try:
+                results[stage] = results.get(stage, {}) | future.result()
+            except Exception as err:
+                where = f"; its output is in {stage_log(stage)}" if stage != "sft" else ""
+                raise RuntimeError(f"prefl toy: stage {stage!r} failed{where}") from err
             if stage != "sft":
                 wall = results[stage]["wall"]
                 print(f"prefl toy: {stage} done in {wall:.1f} s", file=sys.stderr, flush=True)

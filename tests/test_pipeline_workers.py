@@ -36,3 +36,22 @@ def test_output_to_restores_the_streams_when_the_stage_fails(tmp_path, capfd):
     print("still here", flush=True)
     assert (tmp_path / "failed.log").read_text() == "partial\n"
     assert capfd.readouterr().out == "still here\n"
+
+
+def test_a_failed_stage_names_itself_and_its_log(tmp_path, monkeypatch):
+    """A stage that fails in a worker stops the job with an error naming the stage and its log
+    file (the worker's own traceback chained below)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefl import pipeline
+
+    def stage_task(out, threads, stage):
+        if stage == "kto":
+            raise ValueError("diverged")
+        return {"wall": 0.0}
+
+    monkeypatch.setattr(pipeline, "stage_task", stage_task)
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(RuntimeError, match=r"stage 'kto' failed; .* runs/toy/kto\.log") as err:
+            pipeline.run_stages(pool, 2, tmp_path, 1)
+    assert isinstance(err.value.__cause__, ValueError)
