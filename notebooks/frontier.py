@@ -70,7 +70,7 @@ REWARD_EPOCHS = 1 if SMALL else 2
 MAX_SAMPLES = 256 if SMALL else None  # rows per split (None = the full toy splits)
 PPO_STEPS = 3 if SMALL else 40  # rollouts at most (the toy train split holds 32 batches of 64)
 PPO_BATCH = 16 if SMALL else 64  # prompts per rollout
-ONLINE_STEPS = 3 if SMALL else 80  # online DPO steps of 16 prompts x 4 samples
+ONLINE_STEPS = 3 if SMALL else 80  # online DPO steps of 16 prompts x 8 samples
 EVAL_PROMPTS = toy.split_prompts()[1][::9] if SMALL else toy.split_prompts()[1]  # held out
 EVAL_SAMPLES = 2 if SMALL else 8  # completions per prompt
 print(f"small={SMALL}, writing to {OUT.resolve()}")
@@ -216,7 +216,7 @@ for kl_coef in PPO_KL_COEFS:
 # %% [markdown]
 # ## 5. Online DPO and KTO at the same β
 #
-# Online DPO samples 4 completions per prompt from the *current* policy at every step and pairs
+# Online DPO samples 8 completions per prompt from the *current* policy at every step and pairs
 # the best against the worst by the oracle (`configs/toy/online_dpo.yaml`: 80 steps of 16
 # prompts, lr 1e-3): its pairs stay on-policy. KTO reads DPO's pairs as unpaired rows, chosen
 # desirable and rejected undesirable (`configs/toy/kto.yaml`), as feedback that is a thumbs-up or
@@ -228,7 +228,7 @@ for beta in DPO_BETAS:
     online = OnlineDPOModule(
         str(sft_export),
         reward_fns=["toy"],
-        num_samples=4,
+        num_samples=8,
         max_new_tokens=16,
         beta=beta,
         optimizer=adamw(1e-3),
