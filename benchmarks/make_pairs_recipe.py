@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from hh_data import HH_FILE, shared_data_dir
-from sampling_vs_pipeline import export_model
+from smollm2_recipe import export_base
 from trl_report import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def main() -> None:
     record = work / "steps.json"
     steps = json.loads(record.read_text()) if record.exists() else {}
     if "export" not in steps:
-        steps["export"] = {"seconds": export_model(model)}
+        steps["export"] = {"seconds": export_base(model)}
     print(f"GGUF -> plain directory: {steps['export']['seconds']:.1f} s", flush=True)
     data = str(shared_data_dir() / HH_FILE)
     outputs = {"sample": "runs/smollm2/samples/samples.jsonl", "judge": "judged.jsonl"}

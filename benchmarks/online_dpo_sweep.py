@@ -36,15 +36,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="prefl-online-sweep-"))
     shutil.copytree(a.sft, work / "runs/toy/sft/export")
-    if a.samples is not None:  # the sweep's own overrides, plus k
-        fit = pipeline.fit_stage
-        extra = ["--model.init_args.num_samples", str(a.samples)]
-        pipeline.fit_stage = lambda config, args=(), cbs=(): fit(config, [*args, *extra], cbs)
+    extra = [] if a.samples is None else ["--model.init_args.num_samples", str(a.samples)]
     curve = optimal_frontier(OPTIMUM_BETAS)
     rows = []
     for beta in (float(b) for b in a.betas.split(",")):
         start = time.perf_counter()
-        point = pipeline.sweep_task(str(work), 1, "online_dpo", "beta", beta)
+        point = pipeline.sweep_task(str(work), 1, "online_dpo", "beta", beta, extra)
         point["frontier_efficiency"] = point["reward"] / frontier_reward_at(point["kl"], curve)
         point["seconds"] = time.perf_counter() - start
         rows.append(point)

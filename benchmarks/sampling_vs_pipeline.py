@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hh_data import HH_FILE, hh_rows, shared_data_dir, smollm2_gguf
+from hh_data import HH_FILE, hh_rows, shared_data_dir
 from lightning.pytorch import Callback, Trainer
+from smollm2_recipe import export_base
 from trl_report import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results/sampling_vs_pipeline.json"
@@ -57,20 +58,6 @@ class PredictTimer(Callback):
 
     def on_predict_end(self, trainer: Trainer, *args: Any) -> None:
         self.seconds = time.perf_counter() - self.start
-
-
-def export_model(out: Path) -> float:
-    """GGUF -> prefl -> a plain directory at ``out``; returns the seconds it took."""
-    from prefl.data import load_tokenizer
-    from prefl.models import CausalLMSpec, build_causal_lm
-
-    start = time.perf_counter()
-    gguf = str(smollm2_gguf())
-    tokenizer = load_tokenizer(gguf)
-    model = build_causal_lm(CausalLMSpec(name_or_path=gguf), tokenizer)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return time.perf_counter() - start
 
 
 def hh_prompts(tokenizer: Any, n: int, max_prompt_length: int) -> tuple[list[Any], dict]:
@@ -216,7 +203,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="prefl-sampling-"))
     model_dir = work / "model"
-    export_s = export_model(model_dir)
+    export_s = export_base(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     prompts, stats = hh_prompts(tokenizer, a.prompts, a.max_prompt_length)
     data = work / "prompts.jsonl"

@@ -38,7 +38,6 @@ from prefl.pipeline_workers import (
     default_workers,
     enter_worker,
     output_to,
-    torch_threads,
     worker_pool,
 )
 
@@ -176,8 +175,11 @@ def run_stages(pool: Any, workers: int, out: Path, threads: int) -> dict[str, di
     return results
 
 
-def sweep_task(out: str, threads: int, method: str, key: str, value: float) -> dict[str, Any]:
-    """One sweep run (no export, final evaluation only): its frontier point."""
+def sweep_task(
+    out: str, threads: int, method: str, key: str, value: float, extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """One sweep run (no export, final evaluation only): its frontier point; ``extra`` are
+    further config overrides."""
     from prefl.callbacks import EvalCallback
 
     enter_worker(out, threads)
@@ -191,7 +193,7 @@ def sweep_task(out: str, threads: int, method: str, key: str, value: float) -> d
     log = Path("runs/toy/sweep") / f"{method}_{key}_{value}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with output_to(log):
-        fit_stage(method, [*quiet, f"--model.init_args.{key}", str(value)], [evaluation])
+        fit_stage(method, [*quiet, f"--model.init_args.{key}", str(value), *extra], [evaluation])
     return {key: value, **frontier_points(evaluation.history)[-1]}
 
 
@@ -208,7 +210,7 @@ def run_sweep(summary: dict[str, Any], pool: Any = None, threads: int = 1) -> No
         points = []
         for run in runs:
             print(f"prefl toy sweep: {run[0]} {run[1]}={run[2]}", flush=True)
-            points.append(sweep_task(out, torch_threads(), *run))
+            points.append(sweep_task(out, threads, *run))
     else:
         print(f"prefl toy sweep: {len(runs)} runs on the worker processes", flush=True)
         points = [f.result() for f in [pool.submit(sweep_task, out, threads, *r) for r in runs]]

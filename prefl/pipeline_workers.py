@@ -64,13 +64,6 @@ def enter_worker(out: str, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def torch_threads() -> int:
-    """The torch intra-op threads of the current process."""
-    import torch
-
-    return torch.get_num_threads()
-
-
 @contextmanager
 def output_to(path: Path) -> Iterator[None]:
     """Send everything this process writes to stdout and stderr to ``path`` for the duration,
