@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prefl.functional import segments
 from prefl.functional.segments import row_spans, segment_attention
 
 # one row: a shared unit (prompt 0-1, chosen 2-3, rejected 4), a sequence unit (prompt 5, reply 6),
@@ -51,8 +52,21 @@ def test_uniform_queries_average_exactly_the_visible_values():
     torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head, and grouped-query (2 queries a key)
-def test_equals_the_dense_mask_kernel_with_gradients(kv_heads):
+@pytest.mark.parametrize(
+    ("kv_heads", "gqa_kernel"),
+    # multi-head; grouped-query (2 queries a key) with the kernel's own grouped heads (CPU,
+    # torch >= 2.5), and with the keys and values repeated (other devices, older torch)
+    [(4, True), (2, True), (2, False)],
+)
+def test_equals_the_dense_mask_kernel_with_gradients(kv_heads, gqa_kernel, monkeypatch):
+    monkeypatch.setattr(segments, "_GQA_KERNEL", gqa_kernel)
+    calls = []
+    kernel = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        segments.F,
+        "scaled_dot_product_attention",
+        lambda *a, **kw: calls.append(kw.get("enable_gqa", False)) or kernel(*a, **kw),
+    )
     torch.manual_seed(0)
     rows, heads, dim = 2, 4, 8
     segment = torch.cat([SEGMENT, torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])])
@@ -62,6 +76,8 @@ def test_equals_the_dense_mask_kernel_with_gradients(kv_heads):
     k = torch.randn(rows, kv_heads, length, dim, dtype=torch.float64, requires_grad=True)
     v = torch.randn(rows, kv_heads, length, dim, dtype=torch.float64, requires_grad=True)
     got = segment_attention(q, k, v, row_spans(segment, branch), scale=0.3)
+    # one kernel call a piece: row 0 has 4 (its shared unit 2), row 1 has 3 (its shared unit 2)
+    assert calls == [kv_heads < heads and gqa_kernel] * 7
     index = torch.arange(length)
     causal = index[:, None] >= index[None, :]
     same = segment[:, :, None] == segment[:, None, :]

@@ -78,15 +78,20 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             return None, None, None, None
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_flat = grad_logits.view(-1, logits.shape[-1])
+        in_place = logits.dtype == lse.dtype  # compute each chunk straight into the gradient
         g = torch.where(flat_mask, grad_out.reshape(-1).to(lse.dtype), 0.0)
         for start, stop, rows in _chunks(logits, ctx.chunk_size):
             g_chunk = g[start:stop, None]
-            # torch.sub allocates a fresh compute-dtype tensor, so the in-place ops below
-            # never touch the caller's logits (even when they are already float32).
-            chunk_grad = torch.sub(rows, lse[start:stop, None]).exp_().mul_(-g_chunk)
+            # torch.sub writes a new tensor (the gradient's rows, or a compute-dtype temporary),
+            # so the in-place ops below never touch the caller's logits.
+            out = grad_flat[start:stop] if in_place else None
+            chunk_grad = torch.sub(rows, lse[start:stop, None], out=out).exp_().mul_(-g_chunk)
             chunk_grad.scatter_add_(1, flat_labels[start:stop, None], g_chunk)
-            chunk_grad.masked_fill_(~flat_mask[start:stop, None], 0.0)
-            grad_flat[start:stop] = chunk_grad
+            kept = flat_mask[start:stop]
+            if not bool(kept.all()):
+                chunk_grad.masked_fill_(~kept[:, None], 0.0)
+            if not in_place:
+                grad_flat[start:stop] = chunk_grad
         return grad_logits, None, None, None
 
 

@@ -25,6 +25,9 @@ import torch.nn.functional as F
 Span = tuple[int, int, int, int]
 
 PROMPT, FIRST, SECOND = 0, 1, 2
+#: Whether ``scaled_dot_product_attention`` takes grouped-query heads as they are (torch >= 2.5,
+#: ``enable_gqa``); used on a CPU, whose kernel then skips repeating the keys and values.
+_GQA_KERNEL = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def row_spans(segment: torch.Tensor, branch: torch.Tensor) -> list[list[Span]]:
@@ -61,6 +64,18 @@ def _second_mask(prompt: int, second: int, device: torch.device) -> torch.Tensor
     return torch.ones(second, prompt + second, dtype=torch.bool, device=device).tril(prompt)
 
 
+def _pieces(row: Sequence[Span]) -> tuple[list[int], list[int]]:
+    """The query and key/value piece lengths of a row's units, in row order: a unit without a
+    second completion is one piece of each; a prompt-shared unit is two query pieces (prompt and
+    first completion, second completion) and three key/value pieces (prompt, first, second)."""
+    queries: list[int] = []
+    keys: list[int] = []
+    for s, p, c, e in row:
+        queries += [c - s, e - c] if e > c else [c - s]
+        keys += [p - s, c - p, e - c] if e > c else [c - s]
+    return queries, keys
+
+
 def segment_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -72,7 +87,10 @@ def segment_attention(
     """Attention ``(R, H, L, D)`` of packed rows, unit by unit (see the module's docstring).
 
     Equal to ``scaled_dot_product_attention`` with the layout's dense mask
-    (:func:`prefl.models.packed.layout_mask`).
+    (:func:`prefl.models.packed.layout_mask`). The rows are cut into pieces with ``split`` (whose
+    backward joins the pieces' gradients in one copy, where slicing would zero-fill and add a
+    full-length gradient per slice); on a CPU, grouped-query heads go to the kernel as they are
+    (``enable_gqa``), not repeated.
 
     Args:
         query: ``(R, H, L, D)``.
@@ -84,30 +102,45 @@ def segment_attention(
         dropout_p: Attention dropout probability (0 in evaluation).
     """
     groups = query.shape[1] // key.shape[1]
-    if groups > 1:
+    gqa = groups > 1 and query.device.type == "cpu" and _GQA_KERNEL
+    if groups > 1 and not gqa:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     masks: dict[tuple[int, int], torch.Tensor] = {}
     rows = []
-    for r, row in enumerate(spans):
-        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
+    for q, k, v, row in zip(query.split(1), key.split(1), value.split(1), spans, strict=True):
+        q_sizes, kv_sizes = _pieces(row)
+        qs = iter(q.split(q_sizes, 2))
+        ks, vs = iter(k.split(kv_sizes, 2)), iter(v.split(kv_sizes, 2))
         parts = []
         for s, p, c, e in row:
-            parts.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, s:c], k[:, :, s:c], v[:, :, s:c], None, dropout_p, True, scale=scale
-                )
-            )
-            if e > c:
-                mask = masks.get((p - s, e - c))
-                if mask is None:
-                    mask = masks[(p - s, e - c)] = _second_mask(p - s, e - c, query.device)
-                keys = torch.cat([k[:, :, s:p], k[:, :, c:e]], dim=2)
-                values = torch.cat([v[:, :, s:p], v[:, :, c:e]], dim=2)
-                parts.append(
-                    F.scaled_dot_product_attention(
-                        q[:, :, c:e], keys, values, mask, dropout_p, scale=scale
-                    )
-                )
+            if e == c:
+                parts.append(_attend(next(qs), next(ks), next(vs), None, dropout_p, scale, gqa))
+                continue
+            prompt_k, first_k, second_k = next(ks), next(ks), next(ks)
+            prompt_v, first_v, second_v = next(vs), next(vs), next(vs)
+            keys, values = torch.cat([prompt_k, first_k], 2), torch.cat([prompt_v, first_v], 2)
+            parts.append(_attend(next(qs), keys, values, None, dropout_p, scale, gqa))
+            mask = masks.get((p - s, e - c))
+            if mask is None:
+                mask = masks[(p - s, e - c)] = _second_mask(p - s, e - c, query.device)
+            keys, values = torch.cat([prompt_k, second_k], 2), torch.cat([prompt_v, second_v], 2)
+            parts.append(_attend(next(qs), keys, values, mask, dropout_p, scale, gqa))
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+    gqa: bool,
+) -> torch.Tensor:
+    """One piece's attention: causal without ``mask``, else under the ``(Lq, Lk)`` bool mask."""
+    grouped = {"enable_gqa": True} if gqa else {}
+    return F.scaled_dot_product_attention(
+        query, key, value, mask, dropout_p, mask is None, scale=scale, **grouped
+    )
