@@ -1,8 +1,8 @@
 """PreferenceDataModule: one LightningDataModule for every stage (SFT, reward, DPO, PPO).
 
 It loads a source through ``datasets.load_dataset`` (hub id, local file or folder; an in-memory
-``Dataset``/``DatasetDict``; or ``"toy"``, the embedded toy task), picks or carves the splits,
-turns each row into text (:mod:`prefl.data.formats`), tokenizes with a batched, cached
+``Dataset``/``DatasetDict``; or ``"toy"``, the embedded toy task), picks or carves the splits
+(:mod:`prefl.data.sources`), turns each row into text (:mod:`prefl.data.formats`), tokenizes with a batched, cached
 ``Dataset.map`` (:mod:`prefl.data.tokenize`) and pads batches (:mod:`prefl.data.collate`).
 
 Nothing is lost silently: every split logs one line with rows read, used, truncated and dropped
@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import typing
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 import datasets
@@ -27,12 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from prefl.data.accounting import keep_and_count
-from prefl.data.boundary import count_merged
 from prefl.data.collate import ROW, PreferenceCollator
 from prefl.data.formats import Columns
-from prefl.data.hh import hh_to_conversational
-from prefl.data.prompts import add_prompt_sources
 from prefl.data.sampling import (
     MarkedDataset,
     ResumableTrainData,
@@ -40,17 +35,10 @@ from prefl.data.sampling import (
     choose_sampler,
     row_lengths,
 )
-from prefl.data.tokenize import Limits, tokenize_batch, with_source_rows
+from prefl.data.sources import SplitRecipe, carve_splits, load_source, prepare_split, source_name
+from prefl.data.tokenize import Limits
 from prefl.data.tokenizers import load_tokenizer
-from prefl.data.unpaired import add_mismatched, explode_pairs, label_counts
-from prefl.data.validate import (
-    check_columns,
-    has_margin,
-    load_local,
-    looks_like_file,
-    undecodable,
-)
-from prefl.tasks import toy
+from prefl.data.validate import undecodable
 
 Mode = Literal["pairs", "prompts", "sft", "unpaired"]
 RowFormat = Literal["auto", "explicit", "implicit", "conversational", "hh_chat"]
@@ -217,105 +205,45 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         raw = self.splits()
         if stage == "fit" and h.train_split not in raw:
             raise ValueError(
-                f"dataset {self._source_name()} has no {h.train_split!r} split (found "
+                f"dataset {source_name(self.dataset)} has no {h.train_split!r} split (found "
                 f"{sorted(raw)}); name the training split with train_split="
             )
+        recipe = SplitRecipe(
+            self.mode,
+            self.row_format,
+            self.columns,
+            self.tokenizer,
+            self.limits,
+            h.error_on_drop,
+            h.num_proc,
+            source_name(self.dataset),
+        )
         for split in wanted:
             if split in raw and split not in self.datasets:
                 try:
-                    self.datasets[split] = self._tokenize(split, raw[split])
+                    self.datasets[split] = prepare_split(split, raw[split], recipe, self.stats)
                 except UnicodeDecodeError as err:
                     raise undecodable(self.dataset, split, err) from err
 
     def load_raw(self) -> datasets.DatasetDict:
-        """Load the source as a ``DatasetDict`` (through ``datasets.load_dataset`` for files)."""
-        h, source = self.hparams, self.dataset
-        if isinstance(source, datasets.DatasetDict):
-            return source
-        if isinstance(source, datasets.Dataset):
-            return datasets.DatasetDict({h.train_split: source})
-        if source == "toy":
-            mode = "pairs" if self.mode == "unpaired" else self.mode  # pairs read as unpaired
-            rows = toy.toy_splits(mode, seed=h.seed)
-            return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()})
-        path = Path(source)
-        if path.exists():
-            return load_local(path, h.cache_dir, name=h.name, data_dir=h.data_dir)
-        if looks_like_file(source):  # not a hub id: do not ask the hub for it
-            raise FileNotFoundError(f"dataset file {source!r} does not exist ({path.resolve()})")
-        return datasets.load_dataset(
-            source, name=h.name, data_dir=h.data_dir, cache_dir=h.cache_dir
+        """Load the source as a ``DatasetDict`` (:func:`prefl.data.sources.load_source`)."""
+        h = self.hparams
+        return load_source(
+            self.dataset, self.mode, h.train_split, h.seed, h.name, h.data_dir, h.cache_dir
         )
 
     def splits(self) -> dict[str, datasets.Dataset]:
         """The raw splits after the validation carve, ``subset`` and ``max_samples``."""
         h = self.hparams
-        raw = dict(self.load_raw())
-        if h.subset is not None or (h.val_fraction > 0 and h.val_split not in raw):
-            raw = {split: with_source_rows(ds) for split, ds in raw.items()}
-        if h.val_split not in raw and h.val_fraction > 0 and h.train_split in raw:
-            parts = raw[h.train_split].train_test_split(test_size=h.val_fraction, seed=h.seed)
-            raw[h.train_split], raw[h.val_split] = parts["train"], parts["test"]
-        for split, ds in raw.items():
-            if h.subset is not None:
-                ds = ds.shuffle(seed=h.seed).select(range(max(1, round(len(ds) * h.subset))))
-            if h.max_samples is not None:
-                ds = ds.select(range(min(len(ds), h.max_samples)))
-            raw[split] = ds
-        return raw
-
-    def _source_name(self) -> str:
-        source = self.dataset
-        return repr(source) if isinstance(source, str) else f"<in-memory {type(source).__name__}>"
-
-    def _tokenize(self, split: str, ds: datasets.Dataset) -> datasets.Dataset:
-        h = self.hparams
-        mode = self.mode
-        if mode == "unpaired":  # pairs read as unpaired rows, or rows with a label
-            mode = "pairs" if self.columns.rejected in ds.column_names else "sft"
-            if mode == "sft" and self.columns.label not in ds.column_names:
-                raise ValueError(
-                    f"split {split!r}: mode 'unpaired' needs a boolean {self.columns.label!r} "
-                    f"column (label_column=), or chosen/rejected pairs; found {ds.column_names}"
-                )
-        fmt = check_columns(split, ds, mode, self.row_format, self.columns, self._source_name())
-        unparsed = None
-        if fmt == "hh_chat":  # HH transcripts to message lists; unparsed ones dropped, counted
-            ds, unparsed = hh_to_conversational(
-                split, ds, mode, self.columns, h.error_on_drop, h.num_proc
-            )
-            fmt = "conversational"
-        kwargs = {
-            "split": split,
-            "mode": mode,
-            "row_format": fmt,
-            "columns": self.columns,
-            "tokenizer": self.tokenizer,
-            "limits": self.limits,
-            "use_margin": has_margin(split, ds.column_names, self.columns)
-            and self.mode != "unpaired",
-            "use_label": self.mode == "unpaired" and mode == "sft",
-        }
-        mapped = ds.map(
-            tokenize_batch,
-            batched=True,
-            with_indices=True,
-            fn_kwargs=kwargs,
-            remove_columns=ds.column_names,
-            num_proc=h.num_proc,
-            desc=f"prefl: tokenizing {split}",
+        return carve_splits(
+            self.load_raw(),
+            h.train_split,
+            h.val_split,
+            h.val_fraction,
+            h.subset,
+            h.max_samples,
+            h.seed,
         )
-        if mode == "prompts":  # row ids and the prompts as given, for samples written from them
-            mapped = add_prompt_sources(mapped, ds, fmt, self.columns)
-        kept = keep_and_count(split, ds, mapped, self.stats, h.error_on_drop, unparsed)
-        kept = count_merged(split, kept, self.stats)
-        if self.mode != "unpaired":
-            return kept
-        if mode == "pairs":
-            kept = kept.map(explode_pairs, batched=True, remove_columns=kept.column_names)
-        kept = add_mismatched(kept, self.limits.max_length)
-        self.stats[split]["labels"] = label_counts(kept)
-        return kept
 
     def _split(self, split: str) -> datasets.Dataset:
         if split not in self.datasets:
