@@ -2,8 +2,9 @@
 
 It loads a source through ``datasets.load_dataset`` (hub id, local file or folder; an in-memory
 ``Dataset``/``DatasetDict``; or ``"toy"``, the embedded toy task), picks or carves the splits
-(:mod:`prefl.data.sources`), turns each row into text (:mod:`prefl.data.formats`), tokenizes with a batched, cached
-``Dataset.map`` (:mod:`prefl.data.tokenize`) and pads batches (:mod:`prefl.data.collate`).
+(:mod:`prefl.data.sources`), turns each row into text (:mod:`prefl.data.formats`), tokenizes
+with a batched, cached ``Dataset.map`` (:mod:`prefl.data.tokenize`) and pads batches
+(:mod:`prefl.data.collate`).
 
 Nothing is lost silently: every split logs one line with rows read, used, truncated and dropped
 by reason, also kept in :attr:`PreferenceDataModule.stats` (:mod:`prefl.data.accounting`);
