@@ -3,16 +3,17 @@ the dense-mask kernel and against the same unit loop written with slices.
 
 ``prefl.functional.segment_attention`` cuts each packed row into its units' pieces with ``split``
 and, on a CPU, passes grouped-query key/value heads to the kernel as they are (``enable_gqa``).
-The baseline ``sliced`` is the unit loop as prefl first wrote it: the row sliced per unit (the
-backward of each slice zero-fills a full-row gradient and adds it to the others) and the key and
-value heads repeated to the query heads. ``dense`` is one ``sdpa`` call over the row with the
+The baseline ``sliced`` is the same unit loop written with slices, as prefl's first version
+computed it: the row sliced per unit (the backward of each slice zero-fills a full-row gradient
+and adds it to the others) and the key and value heads repeated to the query heads (its small
+masks built per call, the default scale). ``dense`` is one ``sdpa`` call over the row with the
 layout's ``(L, L)`` mask. Each row holds ``--pairs`` prompt-shared HH pairs (prompt | chosen |
 rejected) of the mean HH lengths in SmolLM2's chat template (112 / 38 / 46 tokens, varied ±50%,
 seeded), with SmolLM2's attention shape (9 query heads, 3 key/value heads, head size 64). The
 variants alternate, ``--rounds`` times; the table gives medians and ratios, and ``--json`` (default
 ``benchmarks/results/segment_attention.json``) keeps them.
 
-Run (about a minute on 2 CPU cores)::
+Run (a few seconds on 2 CPU cores)::
 
     python benchmarks/segment_attention.py [--pairs 4 --rounds 7 --threads 2]
 """

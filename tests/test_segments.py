@@ -52,32 +52,49 @@ def test_uniform_queries_average_exactly_the_visible_values():
     torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
 
 
+#: more rows of 9 positions: row 1 a sequence unit, then a shared unit; row 2 a shared unit
+#: without a prompt (0:3), one without a first completion (3:7), then a sequence unit; row 3 two
+#: shared units
+MORE_SEGMENTS = [
+    [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    [0, 0, 0, 1, 1, 1, 1, 2, 2],
+    [0, 0, 0, 1, 1, 1, 1, 1, 1],
+]
+MORE_BRANCHES = [
+    [0, 1, 1, 0, 0, 0, 1, 2, 2],
+    [1, 1, 2, 0, 0, 2, 2, 0, 1],
+    [0, 1, 2, 0, 0, 1, 2, 2, 2],
+]
+#: kernel calls: one a unit without a second completion, two a shared unit
+PIECES = 4 + 3 + 5 + 4
+NEW_TORCH = torch.__version__ >= (2, 5)
+
+
 @pytest.mark.parametrize(
     ("kv_heads", "gqa_kernel"),
     # multi-head; grouped-query (2 queries a key) with the kernel's own grouped heads (CPU,
     # torch >= 2.5), and with the keys and values repeated (other devices, older torch)
-    [(4, True), (2, True), (2, False)],
+    [
+        (4, True),
+        pytest.param(2, True, marks=pytest.mark.skipif(not NEW_TORCH, reason="torch < 2.5")),
+        (2, False),
+    ],
 )
 def test_equals_the_dense_mask_kernel_with_gradients(kv_heads, gqa_kernel, monkeypatch):
     monkeypatch.setattr(segments, "_GQA_KERNEL", gqa_kernel)
     calls = []
-    kernel = F.scaled_dot_product_attention
-    monkeypatch.setattr(
-        segments.F,
-        "scaled_dot_product_attention",
-        lambda *a, **kw: calls.append(kw.get("enable_gqa", False)) or kernel(*a, **kw),
-    )
+    attend = segments._attend
+    monkeypatch.setattr(segments, "_attend", lambda *a: calls.append(a[-1]) or attend(*a))
     torch.manual_seed(0)
-    rows, heads, dim = 2, 4, 8
-    segment = torch.cat([SEGMENT, torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])])
-    branch = torch.cat([BRANCH, torch.tensor([[0, 1, 1, 0, 0, 0, 1, 2, 2]])])
+    rows, heads, dim = 4, 4, 8
+    segment = torch.cat([SEGMENT, torch.tensor(MORE_SEGMENTS)])
+    branch = torch.cat([BRANCH, torch.tensor(MORE_BRANCHES)])
     length = segment.shape[1]
     q = torch.randn(rows, heads, length, dim, dtype=torch.float64, requires_grad=True)
     k = torch.randn(rows, kv_heads, length, dim, dtype=torch.float64, requires_grad=True)
     v = torch.randn(rows, kv_heads, length, dim, dtype=torch.float64, requires_grad=True)
     got = segment_attention(q, k, v, row_spans(segment, branch), scale=0.3)
-    # one kernel call a piece: row 0 has 4 (its shared unit 2), row 1 has 3 (its shared unit 2)
-    assert calls == [kv_heads < heads and gqa_kernel] * 7
+    assert calls == [kv_heads < heads and gqa_kernel] * PIECES
     index = torch.arange(length)
     causal = index[:, None] >= index[None, :]
     same = segment[:, :, None] == segment[:, None, :]

@@ -82,9 +82,19 @@ def carve_splits(
     max_samples: int | None,
     seed: int,
 ) -> dict[str, datasets.Dataset]:
-    """The splits after the validation carve (``val_fraction`` of ``train_split``, seeded, when
-    there is no ``val_split``), a seeded ``subset`` fraction and the first ``max_samples`` rows.
-    Carved or subset rows keep their row index in the source split (for error messages)."""
+    """The splits after the validation carve, ``subset`` and ``max_samples``. Carved or subset
+    rows keep their row index in the source split (for error messages).
+
+    Args:
+        raw: The source's splits (:func:`load_source`).
+        train_split: The training split's name.
+        val_split: The validation split's name; None = no validation.
+        val_fraction: Without a ``val_split`` in ``raw``, this fraction of the training rows
+            (seeded) becomes it; 0 = none.
+        subset: Keep this random fraction (seeded) of every split, at least one row; None = all.
+        max_samples: Then keep at most this many rows of every split (the first); None = all.
+        seed: Seed of the carve and of ``subset``.
+    """
     splits = dict(raw)
     if subset is not None or (val_fraction > 0 and val_split not in splits):
         splits = {split: with_source_rows(ds) for split, ds in splits.items()}
@@ -129,6 +139,12 @@ def prepare_split(
     split: str, ds: datasets.Dataset, recipe: SplitRecipe, stats: dict[str, dict[str, Any]]
 ) -> datasets.Dataset:
     """The tokenized rows of raw split ``ds``; its row accounting goes to ``stats[split]``.
+
+    Args:
+        split: The split's name (in messages and in ``stats``).
+        ds: Its raw rows.
+        recipe: How to read and tokenize them.
+        stats: Where each split's row accounting is kept (the data module's ``stats``).
 
     Raises:
         ValueError: ``unpaired`` rows with neither a label column nor chosen/rejected pairs, or

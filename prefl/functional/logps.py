@@ -79,6 +79,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_flat = grad_logits.view(-1, logits.shape[-1])
         in_place = logits.dtype == lse.dtype  # compute each chunk straight into the gradient
+        # masked rows get exactly 0 (not -0.0 or nan from inf logits); on a CPU the fill is
+        # skipped when every row is kept, elsewhere it always runs (no host sync per chunk)
+        fill = logits.device.type != "cpu" or not bool(flat_mask.all())
         g = torch.where(flat_mask, grad_out.reshape(-1).to(lse.dtype), 0.0)
         for start, stop, rows in _chunks(logits, ctx.chunk_size):
             g_chunk = g[start:stop, None]
@@ -87,9 +90,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             out = grad_flat[start:stop] if in_place else None
             chunk_grad = torch.sub(rows, lse[start:stop, None], out=out).exp_().mul_(-g_chunk)
             chunk_grad.scatter_add_(1, flat_labels[start:stop, None], g_chunk)
-            kept = flat_mask[start:stop]
-            if not bool(kept.all()):
-                chunk_grad.masked_fill_(~kept[:, None], 0.0)
+            if fill:
+                chunk_grad.masked_fill_(~flat_mask[start:stop, None], 0.0)
             if not in_place:
                 grad_flat[start:stop] = chunk_grad
         return grad_logits, None, None, None

@@ -27,7 +27,7 @@ Span = tuple[int, int, int, int]
 PROMPT, FIRST, SECOND = 0, 1, 2
 #: Whether ``scaled_dot_product_attention`` takes grouped-query heads as they are (torch >= 2.5,
 #: ``enable_gqa``); used on a CPU, whose kernel then skips repeating the keys and values.
-_GQA_KERNEL = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+_GQA_KERNEL = torch.__version__ >= (2, 5)
 
 
 def row_spans(segment: torch.Tensor, branch: torch.Tensor) -> list[list[Span]]:
