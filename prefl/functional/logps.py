@@ -18,6 +18,20 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 _CHUNK_ELEMENTS = 2**24
+#: On a CPU a chunk's float32 temporaries (8 MiB) stay in the last-level cache: the log-sum-exp
+#: of 336 rows of a 49k vocabulary takes 20 ms in 42-row chunks against 64 ms in one.
+_CPU_CHUNK_ELEMENTS = 2**21
+
+
+def default_chunk_rows(logits: Tensor) -> int:
+    """Rows of ``logits``' ``(B*T, V)`` view per chunk: about ``2**24`` elements, ``2**21`` on a
+    CPU, and at least one row.
+
+    Args:
+        logits: ``(B, T, V)`` (or ``(N, V)``) logits; only the last dimension and device are read.
+    """
+    elements = _CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else _CHUNK_ELEMENTS
+    return max(1, elements // max(1, logits.shape[-1]))
 
 
 def _chunks(logits: Tensor, chunk_size: int) -> Iterator[tuple[int, int, Tensor]]:
@@ -109,7 +123,7 @@ def _check_inputs(logits: Tensor, labels: Tensor, mask: Tensor, chunk_size: int 
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if chunk_size is None:
-        return max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+        return default_chunk_rows(logits)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     return chunk_size
@@ -136,7 +150,7 @@ def token_logps(
             to ``[0, V - 1]`` internally.
         mask: ``(B, T)`` bool or 0/1 tensor, 1 = score this position, 0 = ignore it.
         chunk_size: Rows of ``(B*T, V)`` handled per chunk. ``None`` picks about ``2**24``
-            float32 elements per chunk, i.e. ``max(1, 2**24 // V)`` rows.
+            float32 elements per chunk (``2**21`` on a CPU), see :func:`default_chunk_rows`.
 
     Returns:
         ``(B, T)`` float32 log-probabilities (float64 if ``logits`` are float64), exactly 0
@@ -165,7 +179,7 @@ def sequence_logps(
         labels: ``(B, T)`` integer token ids aligned with ``logits``; values at masked
             positions may be anything (e.g. -100 or a pad id).
         mask: ``(B, T)`` bool or 0/1 tensor, 1 = count this position, 0 = ignore it.
-        chunk_size: Rows of ``(B*T, V)`` per chunk; ``None`` picks ``max(1, 2**24 // V)``.
+        chunk_size: Rows of ``(B*T, V)`` per chunk; ``None``: :func:`default_chunk_rows`.
 
     Returns:
         ``(B,)`` float32 sequence log-probabilities (float64 if ``logits`` are float64).
@@ -221,7 +235,7 @@ def entropy_from_logits(logits: Tensor, chunk_size: int | None = None) -> Tensor
         logits: ``(B, T, V)`` logits of any float dtype (e.g. bf16); may be non-contiguous,
             e.g. a slice ``logits[:, p - 1 : p - 1 + r]``. Must be finite.
         chunk_size: Rows of ``(B*T, V)`` handled per chunk. ``None`` picks about ``2**24``
-            float32 elements per chunk, i.e. ``max(1, 2**24 // V)`` rows.
+            float32 elements per chunk (``2**21`` on a CPU), see :func:`default_chunk_rows`.
 
     Returns:
         ``(B, T)`` float32 entropies in nats (float64 if ``logits`` are float64). No mask is
@@ -235,7 +249,7 @@ def entropy_from_logits(logits: Tensor, chunk_size: int | None = None) -> Tensor
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     batch, seq_len, vocab = logits.shape
-    rows = chunk_size if chunk_size is not None else max(1, _CHUNK_ELEMENTS // max(1, vocab))
+    rows = chunk_size if chunk_size is not None else default_chunk_rows(logits)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     recompute = torch.is_grad_enabled() and logits.requires_grad
     pieces = []

@@ -9,7 +9,9 @@ small model's step.
 :func:`selected_logits` runs the model's own ``forward`` (so FSDP2's root hooks, DeepSpeed's
 parameter gathering, LoRA wrappers and logit soft-capping all still apply) with a forward
 pre-hook on the output embedding that keeps only the selected hidden rows before the
-projection. Models without ``get_output_embeddings`` fall back to full logits, then select.
+projection. Models without ``get_output_embeddings`` fall back to full logits, then select. On a
+CPU the projection and a tied embedding's gradient take the faster paths of
+:mod:`prefl.functional.projection`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from prefl.functional import next_token_targets, token_logps
+from prefl.functional.projection import cpu_head_speedups
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -67,7 +70,8 @@ def selected_logits(
 
     handle = head.register_forward_pre_hook(keep_rows)
     try:
-        logits = model(**kwargs).logits
+        with cpu_head_speedups(model, head):
+            logits = model(**kwargs).logits
     finally:
         handle.remove()
     if not seen:  # the head was bypassed or saw other shapes: select from the full logits
@@ -161,7 +165,8 @@ def indexed_logits(
 
     handle = head.register_forward_pre_hook(keep_rows)
     try:
-        logits = model(**inputs, use_cache=False).logits
+        with cpu_head_speedups(model, head):
+            logits = model(**inputs, use_cache=False).logits
     finally:
         handle.remove()
     return logits.squeeze(0) if seen else logits.flatten(0, 1)[index]

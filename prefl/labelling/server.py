@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -138,17 +140,22 @@ def page_url(host: str, port: int, token: str | None) -> str:
 
 def serve(store: LabelStore, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve the page until interrupted (Ctrl-C), printing its URL first (``port`` 0 = any
-    free port); on a host other than a loopback one with a fresh random token."""
+    free port); on a host other than a loopback one with a fresh random token.
+
+    SIGINT stops it even when the process started with SIGINT ignored (as a shell's background
+    job or a ``nohup`` run is): in the main thread the default handler is put back first."""
     token = secrets.token_urlsafe(24) if needs_token(host) else None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     server = make_server(host, port, create_app(store, token), threaded=True)
     tally = store.tally()
-    print(
-        f"prefl label: {tally['total']} items, {tally['decided']} already decided; open "
-        f"{page_url(host, server.server_port, token)}  (Ctrl-C stops; every decision is on "
-        "disk as it is made)",
-        flush=True,
-    )
-    try:
+    try:  # the print too: a Ctrl-C right after the URL appears (while it flushes) is a stop
+        print(
+            f"prefl label: {tally['total']} items, {tally['decided']} already decided; open "
+            f"{page_url(host, server.server_port, token)}  (Ctrl-C stops; every decision is "
+            "on disk as it is made)",
+            flush=True,
+        )
         server.serve_forever()
     except KeyboardInterrupt:
         pass

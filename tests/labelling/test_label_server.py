@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -126,4 +127,25 @@ def test_the_label_command_on_another_host_needs_the_token(tmp_path):
     finally:
         proc.send_signal(2)
         rest = proc.communicate(timeout=60)[0]
+    assert "prefl label: 0 of 2 items decided" in rest
+
+
+def test_ctrl_c_stops_the_label_command_even_when_it_started_with_sigint_ignored(tmp_path):
+    """A shell's background job (or ``nohup``) starts with SIGINT ignored, which Python keeps;
+    ``prefl label`` puts the default handler back, so SIGINT still stops it with a summary."""
+    samples = write_samples(tmp_path / "s.jsonl", ROWS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "prefl", "label", str(samples), "--out",
+            str(tmp_path / "p.jsonl"), "--port", "0"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        assert any("open http://" in line for line in proc.stdout), "no URL printed"
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
     assert "prefl label: 0 of 2 items decided" in rest

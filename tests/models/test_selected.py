@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prefl.data import build_toy_tokenizer
-from prefl.functional import next_token_targets, sequence_logps
+from prefl.functional import next_token_targets, projection, sequence_logps
 from prefl.functional.selected import masked_sequence_logps, output_head, selected_logits
 from prefl.models import CausalLMSpec, LoraSpec, build_causal_lm
 
@@ -73,8 +73,12 @@ def test_selected_logits_equal_full_logits_at_the_positions(tie, lora):
     torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
 
 
-def test_masked_sequence_logps_values_and_gradients_equal_the_full_path():
-    m = model()
+@pytest.mark.parametrize("tie", [False, True])
+def test_masked_sequence_logps_values_and_gradients_equal_the_full_path(tie, monkeypatch):
+    """Also with the CPU paths of prefl.functional.projection on (a 7-row slice of the toy
+    vocabulary; with tied weights, the embedding's sparse gradient)."""
+    monkeypatch.setattr(projection, "SLICE_ROWS", 7)
+    m = model(tie)
     labels, mask = next_token_targets(IDS, LOSS)
     full = sequence_logps(m(input_ids=IDS, attention_mask=ATTN).logits, labels, mask)
     full.sum().backward()
@@ -85,6 +89,7 @@ def test_masked_sequence_logps_values_and_gradients_equal_the_full_path():
     assert lengths.tolist() == [4, 4]  # every completion token is a target
     torch.testing.assert_close(sums, full, atol=1e-5, rtol=1e-5)
     for n, p in m.named_parameters():
+        assert p.grad.layout == torch.strided, n  # every gradient ends dense
         torch.testing.assert_close(p.grad, expected[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
@@ -134,3 +139,46 @@ def test_a_keyword_call_of_the_head_falls_back_to_selecting_from_full_logits():
     m = model()
     wrapped = KeywordHead(m)
     assert_selected_from_full_logits(m, wrapped)
+
+
+def seen_in_forward(m: torch.nn.Module) -> tuple[list, list]:
+    """Record, per forward, the head's output ``grad_fn`` name and the embedding's ``sparse``."""
+    heads: list[str] = []
+    sparse: list[bool] = []
+    output_head(m).register_forward_hook(
+        lambda mod, args, out: heads.append(type(out.grad_fn).__name__)
+    )
+    m.get_input_embeddings().register_forward_pre_hook(lambda mod, args: sparse.append(mod.sparse))
+    return heads, sparse
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_cpu_head_paths_are_on_during_the_forward_and_undone_after(tie, monkeypatch):
+    """The head projects in slices; only a tied, trained embedding goes sparse; both are undone."""
+    monkeypatch.setattr(projection, "SLICE_ROWS", 7)
+    m = model(tie).train()
+    heads, sparse = seen_in_forward(m)
+    sums, _ = masked_sequence_logps(m, IDS, ATTN, LOSS)
+    assert heads == ["_SlicedProjectionBackward"] and sparse == [tie]
+    head, embedding = output_head(m), m.get_input_embeddings()
+    assert "forward" not in vars(head) and embedding.sparse is False
+    sums.sum().backward()
+    sums2, _ = masked_sequence_logps(m, IDS, ATTN, LOSS)  # gradient accumulation: dense + sparse
+    first = embedding.weight.grad.clone()
+    sums2.sum().backward()
+    assert embedding.weight.grad.layout == torch.strided
+    torch.testing.assert_close(embedding.weight.grad, 2 * first, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # no gradient: the embedding stays dense
+        masked_sequence_logps(m, IDS, ATTN, LOSS)
+    assert sparse == [tie, tie, False]
+
+
+def test_a_frozen_tied_embedding_and_a_lora_model_keep_the_plain_embedding(monkeypatch):
+    monkeypatch.setattr(projection, "SLICE_ROWS", 7)
+    frozen = model(tie=True)
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    lora = model(lora=True)
+    for m in (frozen, lora):
+        heads, sparse = seen_in_forward(m)
+        masked_sequence_logps(m, IDS, ATTN, LOSS)
+        assert sparse == [False]
