@@ -38,7 +38,7 @@ def test_equals_linear_in_values_and_gradients(slice_rows):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
 
 
-def test_slices_only_on_a_cpu_without_bias_and_when_there_is_more_than_one_slice():
+def test_slices_only_on_a_cpu_without_bias_or_autocast_and_with_more_than_one_slice():
     hidden = torch.randn(3, 4, requires_grad=True)
     weight = torch.randn(10, 4, requires_grad=True)
     assert type(vocab_projection(hidden, weight, slice_rows=4).grad_fn).__name__ == (
@@ -50,6 +50,11 @@ def test_slices_only_on_a_cpu_without_bias_and_when_there_is_more_than_one_slice
     assert "Sliced" not in type(with_bias.grad_fn).__name__
     expected = torch.nn.functional.linear(hidden, weight, torch.ones(10))
     torch.testing.assert_close(with_bias, expected, atol=0.0, rtol=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision keeps autocast's linear
+        mixed = vocab_projection(hidden, weight, slice_rows=4)
+        expected = torch.nn.functional.linear(hidden, weight)
+    assert mixed.dtype == torch.bfloat16 and "Sliced" not in type(mixed.grad_fn).__name__
+    torch.testing.assert_close(mixed, expected, atol=0.0, rtol=0.0)
 
 
 def test_bad_arguments_raise_clear_errors():

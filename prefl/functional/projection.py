@@ -65,7 +65,8 @@ def vocab_projection(
     """``hidden @ weight.T + bias``, the LM head's projection; on a CPU in vocabulary slices.
 
     Equal to ``torch.nn.functional.linear(hidden, weight, bias)`` in value and gradients (up to
-    float summation order). Off a CPU, or with a bias, it is exactly that call.
+    float summation order). Off a CPU, with a bias or under CPU autocast (mixed precision), it is
+    exactly that call.
 
     Args:
         hidden: ``(..., H)`` hidden states (e.g. ``(1, N, H)``: the selected positions).
@@ -85,7 +86,12 @@ def vocab_projection(
         raise ValueError(
             f"hidden size {hidden.shape[-1]} does not match the weight's {tuple(weight.shape)}"
         )
-    if hidden.device.type != "cpu" or bias is not None or slice_rows >= weight.shape[0]:
+    if (
+        hidden.device.type != "cpu"
+        or bias is not None
+        or slice_rows >= weight.shape[0]
+        or torch.is_autocast_enabled("cpu")  # autocast's own casts (e.g. bf16-mixed) apply
+    ):
         return torch.nn.functional.linear(hidden, weight, bias)
     return _SlicedProjection.apply(hidden, weight, slice_rows)
 
