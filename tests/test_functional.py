@@ -24,6 +24,7 @@ from prefl.functional import (
     sequence_logps,
     token_logps,
 )
+from prefl.functional.logps import default_chunk_rows
 
 
 def naive_token_logps(
@@ -299,6 +300,14 @@ def test_default_chunk_rows_target_2_pow_24_elements():
     assert rows(2**20) == 16
     assert rows(32000) == 524
     assert rows(2**25) == 1
+
+
+def test_on_a_cpu_the_default_chunk_is_2_pow_21_elements():
+    """rows = max(1, 2**21 // V) on a CPU: V = 49152 -> 42, V = 32000 -> 65, V > 2**21 -> 1."""
+    assert default_chunk_rows(torch.empty(0, 49152)) == 42
+    assert default_chunk_rows(torch.empty(0, 32000)) == 65
+    assert default_chunk_rows(torch.empty(0, 2**22)) == 1
+    assert default_chunk_rows(torch.empty(0, 49152, device="meta")) == 341
 
 
 @pytest.mark.parametrize("shifted", [False, True])

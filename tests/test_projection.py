@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefl.functional.projection import vocab_projection
+from prefl.functional.projection import cpu_head_speedups, vocab_projection
 
 
 def test_hand_case_values_and_gradients():
@@ -62,3 +62,27 @@ def test_bad_arguments_raise_clear_errors():
         vocab_projection(torch.ones(1, 2), torch.ones(3, 2), slice_rows=0)
     with pytest.raises(ValueError, match=r"hidden size 5 does not match the weight's \(3, 2\)"):
         vocab_projection(torch.ones(1, 5), torch.ones(3, 2))
+
+
+def test_the_logits_are_a_tensor_of_their_own_that_may_be_modified_in_place():
+    """Not a view (as F.linear's are not): a model may scale its logits in place."""
+    hidden = torch.randn(1, 3, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    logits = vocab_projection(hidden, weight, slice_rows=4)
+    assert not logits._is_view()
+    logits.mul_(2.0).sum().backward()
+    torch.testing.assert_close(weight.grad, 2.0 * hidden.detach()[0].sum(0).expand(10, 4))
+
+
+def test_a_compiled_model_keeps_its_plain_head():
+    """``torch.compile``'s wrapper (``_orig_mod``) is left alone: no patch to recompile over."""
+    head = torch.nn.Linear(4, 10, bias=False)
+    plain = torch.nn.Module()
+    plain.lm_head = head
+    with cpu_head_speedups(plain, head):
+        assert "forward" in vars(head)
+    assert "forward" not in vars(head)
+    compiled = torch.nn.Module()
+    compiled._orig_mod = plain
+    with cpu_head_speedups(compiled, head):
+        assert "forward" not in vars(head)

@@ -13,7 +13,8 @@ vocabulary is large (SmolLM2: 49k rows of 576) and only a few hundred positions 
   Asked for a sparse gradient instead (``nn.Embedding.sparse``), the embedding hands autograd just
   those rows, which it adds into the head's dense gradient before the weight's gradient is stored;
   the weight still ends with one dense gradient. This is only right when the head's gradient is
-  there to add to: :func:`cpu_head_speedups` checks that the weights are one tensor.
+  there to add to: :func:`cpu_head_speedups` checks that the weights are one tensor, and its
+  callers (:mod:`prefl.functional.selected`) make the head's output part of every loss.
 
 Both are exact up to float summation order. ``benchmarks/vocab_head.py`` times the head of an
 HH batch with and without them (and the CPU log-softmax chunks of :mod:`prefl.functional.logps`):
@@ -42,12 +43,14 @@ class _SlicedProjection(torch.autograd.Function):
     def forward(ctx: FunctionCtx, hidden: Tensor, weight: Tensor, rows: int) -> Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         vocab = weight.shape[0]
-        out = torch.empty(flat.shape[0], vocab, dtype=hidden.dtype, device=hidden.device)
+        # the result itself, not a view of it: callers may modify logits in place
+        out = torch.empty(*hidden.shape[:-1], vocab, dtype=hidden.dtype, device=hidden.device)
+        rows_out = out.view(-1, vocab)
         for start in range(0, vocab, rows):
-            out[:, start : start + rows] = flat @ weight[start : start + rows].t()
+            rows_out[:, start : start + rows] = flat @ weight[start : start + rows].t()
         ctx.save_for_backward(flat, weight)
         ctx.shape = hidden.shape
-        return out.view(*hidden.shape[:-1], vocab)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -128,14 +131,18 @@ def cpu_head_speedups(model: torch.nn.Module, head: torch.nn.Module) -> Iterator
     ``head`` (a plain ``nn.Linear`` on a CPU) projects with :func:`vocab_projection`, and, when
     gradients are on and ``head`` shares its weight with the model's input embedding, the
     embedding hands autograd a sparse gradient that is added into the head's dense one. Both are
-    undone on leaving the block; anything else (a GPU, LoRA, a wrapped head) is left as it is.
+    undone on leaving the block; anything else (a GPU, LoRA, a wrapped head, a compiled model) is
+    left as it is. The head's output must reach every backward that reaches the embedding (as in
+    :mod:`prefl.functional.selected`, whose logits are the loss's); otherwise the weight's
+    gradient would be left sparse.
 
     Args:
         model: A causal LM whose ``forward`` calls ``head`` on the hidden states it projects.
         head: Its output projection (``model.get_output_embeddings()``).
     """
     weight = getattr(head, "weight", None)
-    if not _plain_linear(head) or weight is None or weight.device.type != "cpu":
+    compiled = hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None)
+    if compiled or not _plain_linear(head) or weight is None or weight.device.type != "cpu":
         yield
         return
     embedding = _tied_embedding(model, head) if torch.is_grad_enabled() else None

@@ -142,11 +142,12 @@ def serve(store: LabelStore, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve the page until interrupted (Ctrl-C), printing its URL first (``port`` 0 = any
     free port); on a host other than a loopback one with a fresh random token.
 
-    SIGINT stops it even when the process started with SIGINT ignored (as a shell's background
-    job or a ``nohup`` run is): in the main thread the default handler is put back first."""
+    SIGINT stops it even when the process started with SIGINT ignored (as a non-interactive
+    shell's background job does): in the main thread the default handler is put in place while
+    it serves, and the previous one put back after."""
     token = secrets.token_urlsafe(24) if needs_token(host) else None
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
     server = make_server(host, port, create_app(store, token), threaded=True)
     tally = store.tally()
     try:  # the print too: a Ctrl-C right after the URL appears (while it flushes) is a stop
@@ -161,3 +162,5 @@ def serve(store: LabelStore, host: str = "127.0.0.1", port: int = 8765) -> None:
         pass
     finally:
         server.server_close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

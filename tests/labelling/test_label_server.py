@@ -131,7 +131,7 @@ def test_the_label_command_on_another_host_needs_the_token(tmp_path):
 
 
 def test_ctrl_c_stops_the_label_command_even_when_it_started_with_sigint_ignored(tmp_path):
-    """A shell's background job (or ``nohup``) starts with SIGINT ignored, which Python keeps;
+    """A non-interactive shell's background job starts with SIGINT ignored, which Python keeps;
     ``prefl label`` puts the default handler back, so SIGINT still stops it with a summary."""
     samples = write_samples(tmp_path / "s.jsonl", ROWS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
