@@ -20,8 +20,6 @@ Run (a few seconds on 2 CPU cores)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import statistics
 import time
@@ -30,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from trl_report import machine_info
+from trl_report import micro_parser, write_timings
 
 from prefl.functional.segments import Span, row_spans, segment_attention
 from prefl.models.packed import layout_mask
@@ -103,12 +101,8 @@ def time_variant(name: str, inputs: dict[str, Any]) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time the variants alternately and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = micro_parser(__doc__.split("\n")[0], rounds=7, results=RESULTS)
     parser.add_argument("--pairs", type=int, default=4, help="prompt-shared pairs per row")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -133,16 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("| variant | median ms | × prefl |\n|---|---|---|")
     for n in names:
         print(f"| {n} | {medians[n] * 1e3:.1f} | {medians[n] / medians['prefl']:.2f} |")
-    payload = {
-        "name": "segment_attention",
-        "config": {**vars(args), "json": str(args.json), "row_tokens": length},
-        "machine": machine_info(),
-        "median_s": medians,
-        "times_s": times,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    return payload
+    return write_timings(args, "segment_attention", medians, times, row_tokens=length)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,38 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def micro_parser(description: str, rounds: int, results: Path) -> argparse.ArgumentParser:
+    """The options every micro-benchmark has: ``--rounds``, ``--threads``, ``--seed`` and
+    ``--json`` (default ``results``); the script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=results)
+    return parser
+
+
+def write_timings(
+    args: argparse.Namespace,
+    name: str,
+    medians: dict[str, float],
+    times: dict[str, list[float]],
+    **config: Any,
+) -> dict[str, Any]:
+    """Write a micro-benchmark's JSON to ``args.json`` (its options and ``config``, the machine,
+    the medians and every round's seconds) and return it."""
+    payload = {
+        "name": name,
+        "config": {**vars(args), "json": str(args.json), **config},
+        "machine": machine_info(),
+        "median_s": medians,
+        "times_s": times,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return payload
+
+
 def worker_argv(script: Path, lib: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     """Command line of one worker: the script itself with ``--worker`` and the same options."""
     argv = [sys.executable, str(script), "--worker", lib, "--workdir", str(workdir)]

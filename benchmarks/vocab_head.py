@@ -23,8 +23,6 @@ Run (about a minute on 2 CPU cores)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from trl_report import machine_info
+from trl_report import micro_parser, write_timings
 
 from prefl.functional import token_logps
 from prefl.functional.logps import default_chunk_rows
@@ -86,13 +84,9 @@ def check_equal(inputs: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Time the variants alternately, with and without gradients, and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = micro_parser(__doc__.split("\n")[0], rounds=9, results=RESULTS)
     parser.add_argument("--tokens", type=int, default=771, help="tokens of the packed row")
     parser.add_argument("--targets", type=int, default=336, help="positions projected")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     inputs = make_inputs(args.tokens, args.targets, args.seed)
@@ -109,16 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for p in passes:
         a, b = medians[f"{p}/plain"], medians[f"{p}/prefl"]
         print(f"| {p} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f} |")
-    payload = {
-        "name": "vocab_head",
-        "config": {**vars(args), "json": str(args.json), "vocab": VOCAB, "hidden": HIDDEN},
-        "machine": machine_info(),
-        "median_s": medians,
-        "times_s": times,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    return payload
+    return write_timings(args, "vocab_head", medians, times, vocab=VOCAB, hidden=HIDDEN)
 
 
 if __name__ == "__main__":
