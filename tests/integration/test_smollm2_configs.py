@@ -93,5 +93,8 @@ def test_dpo_config_reads_the_local_hh_split_in_chat_format(smollm2_gguf, hh_pat
     used = stats["train"]["used"] + stats["validation"]["used"]
     assert used == 2299
     batch = next(iter(cli.datamodule.train_dataloader()))
-    assert batch["chosen_input_ids"].shape[0] == 8
-    assert batch["chosen_input_ids"].shape[1] % 32 == 0
+    # packing + share_prompt: the 8 pairs in one row, 16 sequences, no padding but the row's
+    # rounding up to a multiple of 32
+    assert batch["last_index"].shape[0] == 16 and batch["packed_input_ids"].shape[0] == 1
+    assert batch["packed_input_ids"].shape[1] % 32 == 0
+    assert int((batch["packed_branch"] == 2).sum()) > 0  # rejected tokens after the chosen ones

@@ -188,3 +188,20 @@ def test_precomputed_reference_logps_are_the_padded_ones(sft_dir, tmp_path, fit)
         columns[name] = (train["ref_chosen_logps"], train["ref_rejected_logps"])
     for got, want in zip(columns["packed_shared"], columns["padded"], strict=True):
         assert len(got) == 16 and got == pytest.approx(want, rel=1e-5)
+
+
+def test_gradient_checkpointing_takes_the_shared_layout(sft_dir):
+    """Activation checkpointing re-runs each layer in the backward: the re-run sees the same
+    layout, so the packed + shared gradients are the padded ones."""
+    grads = {}
+    for name, layout in {"padded": {}, "packed_shared": LAYOUTS["packed_shared"]}.items():
+        seed_everything(0)
+        spec = CausalLMSpec(name_or_path=sft_dir, gradient_checkpointing=True)
+        module = DPOModule(spec, "toy", optimizer=sgd, lr_scheduler=None)
+        module.configure_model()
+        module.train()
+        assert module.model.model.gradient_checkpointing
+        module._step(first_batch(data(**layout)), "val").backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in module.model.parameters()])
+    assert grads["padded"].abs().max() > 0
+    torch.testing.assert_close(grads["packed_shared"], grads["padded"], rtol=1e-4, atol=1e-6)
