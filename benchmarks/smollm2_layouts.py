@@ -23,7 +23,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,15 @@ from typing import Any
 
 import torch
 from hh_data import CountingCollator
-from smollm2_recipe import DEFAULT_DATA, RESULT_PREFIX, ROOT, StepTimer, cli_args, export_base
+from smollm2_recipe import (
+    RESULT_PREFIX,
+    ROOT,
+    StepTimer,
+    child_parser,
+    cli_args,
+    export_base,
+    run_script_child,
+)
 from trl_report import machine_info
 
 RESULTS = ROOT / "benchmarks/results/smollm2_layouts.json"
@@ -70,14 +77,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(layout: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """``--child layout`` in a fresh process; returns its result."""
-    argv = [sys.executable, __file__, "--child", layout, "--work", str(work), "--model",
-            str(work / "base"), "--data", str(args.data), "--steps", str(args.steps),
-            "--threads", str(args.threads)]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        sys.exit(f"--child {layout} failed:\n{proc.stderr[-4000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX))
-    return json.loads(line[len(RESULT_PREFIX) :])
+    return run_script_child(__file__, layout, args, work, [])
 
 
 def rates(run: dict[str, Any]) -> dict[str, float]:
@@ -109,21 +109,15 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Export the model, run the layouts alternately, print and write the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser = child_parser(__doc__.split("\n")[0], steps=5, results=RESULTS)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--json", type=Path, default=RESULTS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        args.model = str(work / "base")
         export_s = export_base(work / "base")
         for r in range(args.rounds):
             for layout in list(LAYOUTS)[:: 1 if r % 2 == 0 else -1]:

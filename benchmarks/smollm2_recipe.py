@@ -151,11 +151,26 @@ def child(a: argparse.Namespace) -> None:
     print(RESULT_PREFIX + json.dumps(out), flush=True)
 
 
-def run_child(name: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Run ``--child name`` in a fresh process; returns its result, with its wall time."""
-    argv = [sys.executable, __file__, "--child", name, "--work", str(work), "--model", a.model]
-    argv += ["--data", str(a.data), "--steps", str(a.steps), "--threads", str(a.threads)]
-    argv += ["--val-batches", str(a.val_batches), "--timing-steps", str(a.timing_steps)]
+def child_parser(description: str, steps: int, results: Path) -> argparse.ArgumentParser:
+    """The options of a script that runs SmolLM2 stages in child processes: ``--steps``,
+    ``--threads``, ``--data``, ``--json`` and the hidden ``--child``, ``--work``, ``--model``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--json", type=Path, default=results)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_script_child(script: str, name: str, a: argparse.Namespace, work: Path,
+                     extra: list[str]) -> dict[str, Any]:  # fmt: skip
+    """Run ``script --child name`` (with :func:`child_parser`'s options and ``extra``) in a fresh
+    process; returns its ``RESULT`` line, with the process's wall time."""
+    argv = [sys.executable, script, "--child", name, "--work", str(work), "--model", a.model]
+    argv += ["--data", str(a.data), "--steps", str(a.steps), "--threads", str(a.threads), *extra]
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
     if proc.returncode != 0:
@@ -164,6 +179,12 @@ def run_child(name: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
     result = json.loads(line[len(RESULT_PREFIX) :])
     result["process_wall_s"] = time.perf_counter() - start
     return result
+
+
+def run_child(name: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Run ``--child name`` in a fresh process; returns its result, with its wall time."""
+    extra = ["--val-batches", str(a.val_batches), "--timing-steps", str(a.timing_steps)]
+    return run_script_child(__file__, name, a, work, extra)
 
 
 @torch.no_grad()
@@ -223,17 +244,10 @@ def table(results: dict[str, Any], timing_steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser = child_parser(__doc__.splitlines()[0], steps=30, results=RESULTS)
     parser.add_argument("--val-batches", type=int, default=12)
     parser.add_argument("--timing-steps", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--json", type=Path, default=RESULTS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
     a = parser.parse_args()
     os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
     if a.child:
